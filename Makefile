@@ -1,0 +1,45 @@
+# Ferry: the two commands a new user runs are `make demo` and `make test`.
+# Both install missing build prerequisites first (scripts/prereqs.sh).
+
+CARGO ?= cargo
+FUZZ_SECONDS ?= 600
+
+.PHONY: all prereqs demo test lint unit nostd-proof bench fuzz clean
+
+all: test
+
+prereqs:
+	@scripts/prereqs.sh
+
+## demo: the main job. Until the live-migration demo exists, the core bitmap-scan benchmark.
+demo: prereqs
+	@echo "make demo: the live-migration demo is not built yet; running the core bitmap-scan benchmark instead."
+	$(CARGO) run --release -p ferry-benches --bin bitmap_table
+
+## test: the whole suite: format, lints, unit and integration tests, the no_std proof.
+test: prereqs lint unit nostd-proof
+	@echo "make test: all checks passed."
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --release -- -D warnings
+
+unit:
+	$(CARGO) test --workspace --release
+
+## nostd-proof: a no_std staticlib with its own panic handler links ferry-core,
+## so anything in core that pulls in std or alloc breaks this build.
+nostd-proof:
+	cd nostd-proof && $(CARGO) build --release
+
+## bench: every benchmark, each figure beside its baseline.
+bench: prereqs
+	$(CARGO) bench -p ferry-benches
+
+## fuzz: run each cargo-fuzz target for FUZZ_SECONDS (default 600).
+fuzz: prereqs
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz
+	for t in $$(ls fuzz/fuzz_targets | sed 's/\.rs$$//'); do fuzz/run.sh $$t $(FUZZ_SECONDS) || exit 1; done
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,1 @@
+//! ferry-benches: shared helpers for the benchmark programs.

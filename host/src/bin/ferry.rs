@@ -1,0 +1,2 @@
+//! The `ferry` command (not yet written).
+fn main() {}
