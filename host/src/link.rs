@@ -1,0 +1,605 @@
+//! The connections of a migration and what flows over them besides pages:
+//! the handshake, the return path, and the decoder that tells the transport
+//! where each received payload belongs.
+//!
+//! A migration uses one *control* connection and `N` *bulk* connections, all
+//! opened by the source in that order. The control connection carries the
+//! handshake, device sections, switchover markers and resent pages from
+//! source to destination, and the return path (accept, resend requests,
+//! *ready*, errors) back. Bulk connections carry page runs and zero runs only.
+//! A page always travels on the same bulk connection (pages are striped by
+//! address), so a newer copy never overtakes an older one.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use ferry_core::wire::{
+    self, decode_header, Hello, Negotiated, Record, Repr, ReturnDecoder, ReturnRecord, ReturnRepr,
+    HEADER_LEN, MAX_HELLO_LEN,
+};
+use ferry_uring::{Decoder, Placement};
+
+/// Pages per stripe: a page's bulk channel is `(page / STRIPE_PAGES) % N`.
+pub const STRIPE_PAGES: u64 = 512;
+
+/// The bulk channel that carries `page`.
+pub fn channel_of(page: u64, channels: usize) -> usize {
+    if channels <= 1 {
+        0
+    } else {
+        ((page / STRIPE_PAGES) % channels as u64) as usize
+    }
+}
+
+/// Errors of the connections and the handshake.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// Connecting or accepting failed.
+    #[error("could not {what} {endpoint}: {source}")]
+    Connect {
+        /// "connect to", "listen on" or "accept on".
+        what: &'static str,
+        /// The endpoint.
+        endpoint: String,
+        /// The system's error.
+        source: io::Error,
+    },
+    /// Reading or writing the control connection failed.
+    #[error("the control connection failed while {what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The system's error.
+        source: io::Error,
+    },
+    /// The peer's hello was malformed or incompatible.
+    #[error("the handshake failed: {0}")]
+    Handshake(wire::HandshakeError),
+    /// The destination refused the migration.
+    #[error("the destination refused the migration: {code:?} (detail {detail})")]
+    Refused {
+        /// The destination's reason.
+        code: wire::ErrorCode,
+        /// Its detail field.
+        detail: u64,
+    },
+    /// The peer sent a record that makes no sense at this point.
+    #[error("the peer sent an unexpected record during the handshake: {0}")]
+    Unexpected(String),
+    /// A return-path record did not decode.
+    #[error("the return path is corrupt: {0}")]
+    Decode(wire::DecodeError),
+    /// Encoding a record failed (a bug: the record was built wrong).
+    #[error("could not encode a record: {0}")]
+    Emit(wire::EmitError),
+}
+
+/// Where a destination listens and a source connects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A Unix stream socket path.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+
+    /// `unix:PATH`, `tcp:HOST:PORT` or plain `HOST:PORT`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            return Ok(Endpoint::Unix(PathBuf::from(p)));
+        }
+        let a = s.strip_prefix("tcp:").unwrap_or(s);
+        a.parse::<SocketAddr>()
+            .map(Endpoint::Tcp)
+            .map_err(|e| format!("'{s}' is neither unix:PATH nor HOST:PORT: {e}"))
+    }
+}
+
+/// One connected stream socket, TCP or Unix.
+#[derive(Debug)]
+pub enum Conn {
+    /// A TCP connection.
+    Tcp(TcpStream),
+    /// A Unix stream connection.
+    Unix(UnixStream),
+}
+
+impl Conn {
+    /// A second handle on the same socket.
+    pub fn try_clone(&self) -> io::Result<Conn> {
+        match self {
+            Conn::Tcp(s) => s.try_clone().map(Conn::Tcp),
+            Conn::Unix(s) => s.try_clone().map(Conn::Unix),
+        }
+    }
+
+    /// Sets a read timeout (`None` blocks).
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.set_read_timeout(t),
+            Conn::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// Shuts both directions down, waking any reader.
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Conn::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+
+    fn tune(&self) {
+        if let Conn::Tcp(s) = self {
+            let _ = s.set_nodelay(true);
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.read(buf),
+            Conn::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.write(buf),
+            Conn::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.flush(),
+            Conn::Unix(s) => s.flush(),
+        }
+    }
+}
+
+impl From<Conn> for ferry_uring::Stream {
+    fn from(c: Conn) -> Self {
+        match c {
+            Conn::Tcp(s) => s.into(),
+            Conn::Unix(s) => s.into(),
+        }
+    }
+}
+
+/// Connects to `endpoint`.
+pub fn connect(endpoint: &Endpoint) -> Result<Conn, LinkError> {
+    let err = |source| LinkError::Connect {
+        what: "connect to",
+        endpoint: endpoint.to_string(),
+        source,
+    };
+    let c = match endpoint {
+        Endpoint::Tcp(a) => Conn::Tcp(TcpStream::connect(a).map_err(err)?),
+        Endpoint::Unix(p) => Conn::Unix(UnixStream::connect(p).map_err(err)?),
+    };
+    c.tune();
+    Ok(c)
+}
+
+/// A listening socket for a destination.
+#[derive(Debug)]
+pub enum Listener {
+    /// Listening on TCP.
+    Tcp(TcpListener),
+    /// Listening on a Unix socket path.
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds `endpoint` (a stale Unix socket file is replaced).
+    pub fn bind(endpoint: &Endpoint) -> Result<Listener, LinkError> {
+        let err = |source| LinkError::Connect {
+            what: "listen on",
+            endpoint: endpoint.to_string(),
+            source,
+        };
+        match endpoint {
+            Endpoint::Tcp(a) => TcpListener::bind(a).map(Listener::Tcp).map_err(err),
+            Endpoint::Unix(p) => {
+                let _ = std::fs::remove_file(p);
+                UnixListener::bind(p)
+                    .map(|l| Listener::Unix(l, p.clone()))
+                    .map_err(err)
+            }
+        }
+    }
+
+    /// The endpoint actually bound (with the port the kernel chose for `:0`).
+    pub fn local_endpoint(&self) -> io::Result<Endpoint> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(Endpoint::Tcp),
+            Listener::Unix(_, p) => Ok(Endpoint::Unix(p.clone())),
+        }
+    }
+
+    /// Accepts one connection.
+    pub fn accept(&self) -> Result<Conn, LinkError> {
+        let err = |source| LinkError::Connect {
+            what: "accept on",
+            endpoint: self
+                .local_endpoint()
+                .map(|e| e.to_string())
+                .unwrap_or_default(),
+            source,
+        };
+        let c = match self {
+            Listener::Tcp(l) => Conn::Tcp(l.accept().map_err(err)?.0),
+            Listener::Unix(l, _) => Conn::Unix(l.accept().map_err(err)?.0),
+        };
+        c.tune();
+        Ok(c)
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> LinkError {
+    move |source| LinkError::Io { what, source }
+}
+
+/// Source side of the handshake: sends our hello, waits for *accept* (or the
+/// destination's refusal) on the return path. Returns what was negotiated and
+/// the return-path decoder, which has consumed the *accept*.
+pub fn source_handshake(
+    ctl: &mut Conn,
+    hello: &Hello,
+    timeout: Duration,
+) -> Result<(Negotiated, ReturnDecoder), LinkError> {
+    let mut buf = [0u8; MAX_HELLO_LEN];
+    let n = hello.emit(&mut buf).map_err(LinkError::Emit)?;
+    ctl.write_all(&buf[..n])
+        .map_err(io_err("sending the hello"))?;
+    ctl.set_read_timeout(Some(timeout))
+        .map_err(io_err("setting a timeout"))?;
+    // The destination negotiates against its own hello; ours is what both
+    // sides use (the destination refuses anything it cannot honour).
+    let neg = hello.negotiate(hello).map_err(LinkError::Handshake)?;
+    let mut dec = ReturnDecoder::new(neg.clone());
+    let rec = read_return(ctl, &mut dec).map_err(|e| match e {
+        ReturnReadError::Io(source) => LinkError::Io {
+            what: "waiting for the destination's answer to the hello",
+            source,
+        },
+        ReturnReadError::Decode(d) => LinkError::Decode(d),
+    })?;
+    ctl.set_read_timeout(None)
+        .map_err(io_err("clearing a timeout"))?;
+    match rec.repr {
+        ReturnRepr::Accept => Ok((neg, dec)),
+        ReturnRepr::Error { code, detail } => Err(LinkError::Refused { code, detail }),
+        other => Err(LinkError::Unexpected(format!("{other:?}"))),
+    }
+}
+
+/// Destination side of the handshake: reads the source's hello, checks it
+/// against ours (the layout must match exactly), and answers *accept* or an
+/// error naming the reason. Returns what was negotiated.
+pub fn destination_handshake(
+    ctl: &mut Conn,
+    ours: &Hello,
+    ret: &ReturnWriter,
+) -> Result<Negotiated, LinkError> {
+    let mut buf = [0u8; MAX_HELLO_LEN];
+    ctl.read_exact(&mut buf[..HEADER_LEN])
+        .map_err(io_err("reading the source's hello"))?;
+    let mut header = [0u8; HEADER_LEN];
+    header.copy_from_slice(&buf[..HEADER_LEN]);
+    let rest = match Hello::payload_len(&header) {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = ret.send(&ReturnRepr::Error {
+                code: wire::ErrorCode::Handshake,
+                detail: 0,
+            });
+            return Err(LinkError::Handshake(e));
+        }
+    };
+    ctl.read_exact(&mut buf[HEADER_LEN..HEADER_LEN + rest])
+        .map_err(io_err("reading the source's hello"))?;
+    let theirs = Hello::parse(&buf[..HEADER_LEN + rest]);
+    // We serve any number of channels the source opens, up to the wire's
+    // limit: take its count as ours.
+    let neg = theirs.and_then(|h| {
+        let ours = Hello {
+            caps: wire::Capabilities {
+                channels: h.caps.channels,
+                ..ours.caps
+            },
+            ..ours.clone()
+        };
+        h.negotiate(&ours)
+    });
+    match neg {
+        Ok(neg) => {
+            ret.send(&ReturnRepr::Accept)
+                .map_err(io_err("accepting the hello"))?;
+            Ok(neg)
+        }
+        Err(e) => {
+            let _ = ret.send(&ReturnRepr::Error {
+                code: wire::ErrorCode::Handshake,
+                detail: 0,
+            });
+            Err(LinkError::Handshake(e))
+        }
+    }
+}
+
+/// Why reading a return-path record failed.
+#[derive(Debug)]
+pub enum ReturnReadError {
+    /// The connection failed or closed.
+    Io(io::Error),
+    /// The bytes did not decode.
+    Decode(wire::DecodeError),
+}
+
+/// Reads one return-path record, a byte-exact header at a time.
+pub fn read_return(
+    conn: &mut Conn,
+    dec: &mut ReturnDecoder,
+) -> Result<ReturnRecord, ReturnReadError> {
+    let mut hdr = [0u8; HEADER_LEN];
+    loop {
+        conn.read_exact(&mut hdr).map_err(ReturnReadError::Io)?;
+        let mut at = 0;
+        while at < hdr.len() {
+            let (used, rec) = dec.step(&hdr[at..]).map_err(ReturnReadError::Decode)?;
+            at += used;
+            if let Some(r) = rec {
+                return Ok(r);
+            }
+            if used == 0 {
+                break;
+            }
+        }
+    }
+}
+
+/// The destination's side of the return path: any thread may send on it.
+#[derive(Clone, Debug)]
+pub struct ReturnWriter {
+    inner: Arc<Mutex<(Conn, u32)>>,
+}
+
+impl ReturnWriter {
+    /// Writes return records on `conn`.
+    pub fn new(conn: Conn) -> ReturnWriter {
+        ReturnWriter {
+            inner: Arc::new(Mutex::new((conn, 0))),
+        }
+    }
+
+    /// Sends one record.
+    pub fn send(&self, repr: &ReturnRepr) -> io::Result<()> {
+        let mut g = self
+            .inner
+            .lock()
+            .map_err(|_| io::Error::other("the return path lock was poisoned"))?;
+        let (conn, seq) = &mut *g;
+        let mut hdr = [0u8; HEADER_LEN];
+        repr.emit(*seq, &mut hdr);
+        *seq = seq.wrapping_add(1);
+        conn.write_all(&hdr)
+    }
+}
+
+/// What the source's return-path reader thread delivers.
+#[derive(Debug)]
+pub enum ReturnMsg {
+    /// A record from the destination.
+    Record(ReturnRepr),
+    /// The return path ended: the connection closed or broke, or the bytes
+    /// did not decode. Nothing more follows.
+    Closed(String),
+}
+
+/// Starts a thread that reads the return path on `conn` and forwards each
+/// record; it ends when the connection does.
+pub fn spawn_return_reader(
+    mut conn: Conn,
+    mut dec: ReturnDecoder,
+) -> (mpsc::Receiver<ReturnMsg>, JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel();
+    let h = std::thread::Builder::new()
+        .name("ferry-return".into())
+        .spawn(move || {
+            loop {
+                match read_return(&mut conn, &mut dec) {
+                    Ok(r) => {
+                        if tx.send(ReturnMsg::Record(r.repr)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(ReturnReadError::Io(e)) => {
+                        let why = if e.kind() == io::ErrorKind::UnexpectedEof {
+                            "the destination closed the connection".to_string()
+                        } else {
+                            format!("the return path failed: {e}")
+                        };
+                        let _ = tx.send(ReturnMsg::Closed(why));
+                        return;
+                    }
+                    Err(ReturnReadError::Decode(e)) => {
+                        let _ = tx.send(ReturnMsg::Closed(format!("the return path is corrupt: {e}")));
+                        return;
+                    }
+                }
+            }
+        });
+    match h {
+        Ok(h) => (rx, h),
+        Err(e) => {
+            // No thread: hand back a receiver that reports why at once.
+            let (tx, rx) = mpsc::channel();
+            let _ = tx.send(ReturnMsg::Closed(format!(
+                "could not start the return-path reader: {e}"
+            )));
+            (rx, std::thread::spawn(|| {}))
+        }
+    }
+}
+
+/// Tells a transport where each payload goes, by decoding headers with
+/// `ferry_core::wire` against the negotiated layout, and checks that the
+/// channel's sequence numbers run without a gap.
+#[derive(Debug)]
+pub struct WireDecoder {
+    neg: Negotiated,
+    /// Bytes of stream consumed so far (headers and payloads).
+    offset: u64,
+    next_seq: u32,
+    last: Option<Record>,
+    /// Largest payload accepted into the caller's buffer.
+    buffer_len: u64,
+}
+
+/// Why the decoder refused a header.
+#[derive(Debug)]
+pub enum WireDecodeError {
+    /// The header did not decode or validate.
+    Decode(wire::DecodeError),
+    /// A record was missing: the sequence numbers jumped.
+    Sequence {
+        /// The sequence number expected.
+        expected: u32,
+        /// The one that arrived.
+        got: u32,
+        /// The stream offset of the header.
+        offset: u64,
+    },
+    /// A record's payload does not fit the receive buffer.
+    TooLarge {
+        /// The payload length.
+        len: u64,
+        /// The buffer's length.
+        buffer: u64,
+    },
+}
+
+impl std::fmt::Display for WireDecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WireDecodeError::Decode(e) => write!(f, "{e}"),
+            WireDecodeError::Sequence {
+                expected,
+                got,
+                offset,
+            } => write!(
+                f,
+                "record {got} at stream offset {offset} arrived where record {expected} was expected: records were lost"
+            ),
+            WireDecodeError::TooLarge { len, buffer } => write!(
+                f,
+                "a record carries {len} bytes of payload, more than the {buffer}-byte receive buffer"
+            ),
+        }
+    }
+}
+
+impl WireDecoder {
+    /// A decoder for one channel; `buffer_len` is the size of the buffer
+    /// passed to the transport's receive for section payloads.
+    pub fn new(neg: Negotiated, buffer_len: usize) -> WireDecoder {
+        WireDecoder {
+            neg,
+            offset: 0,
+            next_seq: 0,
+            last: None,
+            buffer_len: buffer_len as u64,
+        }
+    }
+
+    /// The record whose header was decoded last.
+    pub fn last(&self) -> Option<Record> {
+        self.last
+    }
+
+    /// The negotiated session.
+    pub fn negotiated(&self) -> &Negotiated {
+        &self.neg
+    }
+
+    /// Bytes of stream consumed so far.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+}
+
+impl Decoder for WireDecoder {
+    type Error = WireDecodeError;
+
+    fn place(&mut self, header: &[u8; HEADER_LEN]) -> Result<Placement, WireDecodeError> {
+        let rec = decode_header(header, &self.neg, self.offset).map_err(WireDecodeError::Decode)?;
+        if rec.seq != self.next_seq {
+            return Err(WireDecodeError::Sequence {
+                expected: self.next_seq,
+                got: rec.seq,
+                offset: self.offset,
+            });
+        }
+        self.next_seq = self.next_seq.wrapping_add(1);
+        let len = u64::from(rec.payload_len);
+        self.offset = self
+            .offset
+            .saturating_add(HEADER_LEN as u64)
+            .saturating_add(len);
+        self.last = Some(rec);
+        let placement = match rec.repr {
+            Repr::PageRun { region, .. } => match rec.ram_dest(&self.neg) {
+                Some((_, offset)) => Placement::Guest {
+                    region: u32::from(region),
+                    offset,
+                    len,
+                },
+                // decode_header validated the range, so this cannot happen;
+                // refuse rather than guess.
+                None => Placement::Discard { len },
+            },
+            Repr::Section { .. } | Repr::PostcopySection { .. } => {
+                if len > self.buffer_len {
+                    return Err(WireDecodeError::TooLarge {
+                        len,
+                        buffer: self.buffer_len,
+                    });
+                }
+                Placement::Buffer { len }
+            }
+            _ if len == 0 => Placement::Empty,
+            _ => Placement::Discard { len },
+        };
+        Ok(placement)
+    }
+}

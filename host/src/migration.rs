@@ -1,0 +1,195 @@
+//! The embedding API: what a hypervisor hands Ferry, and what it gets back.
+//!
+//! A hypervisor gives the source side its guest memory, a dirty tracker, a
+//! [`GuestControl`] (pause, resume, device state as bytes) and a connected
+//! transport, and gets back [`Event`]s while the migration runs and a
+//! [`SourceReport`] at the end. The destination side gets its own memory, a
+//! [`GuestStarter`] that receives the device state and starts the guest on
+//! *go*, and returns a [`DestinationReport`].
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// An error from a callback the embedding hypervisor provides.
+pub type CallbackError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// One piece of device state, migrated as a section inside the downtime.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceSection {
+    /// The section's id on the wire; unique within a migration.
+    pub id: u16,
+    /// Its bytes, opaque to Ferry.
+    pub bytes: Vec<u8>,
+}
+
+/// The source's hold on the running guest.
+pub trait GuestControl {
+    /// Stops every vCPU; returns once none runs. Called once, for the final
+    /// stop-and-copy.
+    fn pause(&mut self) -> Result<(), CallbackError>;
+
+    /// Starts the vCPUs again on the source: called when the migration fails
+    /// before the destination said *ready*.
+    fn resume(&mut self) -> Result<(), CallbackError>;
+
+    /// The device state while paused, one section per piece.
+    fn device_state(&mut self) -> Result<Vec<DeviceSection>, CallbackError>;
+
+    /// How many bytes of device state to expect, for the pending estimate.
+    fn device_state_estimate(&self) -> u64 {
+        64 * 1024
+    }
+}
+
+/// The destination's way to start the guest.
+pub trait GuestStarter {
+    /// Called once, on *go*, with every device section received: restore
+    /// them and start the vCPUs.
+    fn start(&mut self, sections: &[DeviceSection]) -> Result<(), CallbackError>;
+}
+
+/// Settings of a migration, on the source.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    /// The longest the guest may stay paused: a ceiling, never a budget.
+    pub downtime_limit: Duration,
+    /// Send at most this many bytes per second; `None` for no cap.
+    pub bandwidth_cap: Option<u64>,
+    /// Give up, resuming nothing because nothing was paused, when the
+    /// migration has not converged after this long. `None` never gives up.
+    pub give_up_after: Option<Duration>,
+    /// A remainder at or below this many bytes is not worth another round.
+    pub floor_bytes: u64,
+    /// The longest page run sent as one record.
+    pub max_run_pages: u32,
+    /// CRC32 over every payload (torn pages are detected and resent).
+    pub payload_checksums: bool,
+    /// How long to wait for *ready* after the last byte was sent.
+    pub ready_timeout: Duration,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            downtime_limit: Duration::from_millis(300),
+            bandwidth_cap: None,
+            give_up_after: None,
+            floor_bytes: 256 * 1024,
+            max_run_pages: 256,
+            payload_checksums: true,
+            ready_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How a precopy round went, for progress displays.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct RoundProgress {
+    /// Round number; 0 is the first full pass.
+    pub round: u32,
+    /// Bytes pending after the round's dirty-log sync.
+    pub pending_bytes: u64,
+    /// Bytes sent so far, headers included.
+    pub sent_bytes: u64,
+    /// Bandwidth estimate, bytes/s.
+    pub bandwidth: u64,
+    /// Dirty-rate estimate, bytes/s.
+    pub dirty_rate: u64,
+    /// Bytes that fit in the downtime limit.
+    pub threshold: u64,
+    /// What the downtime would be if the guest stopped now, in nanoseconds.
+    pub expected_downtime_ns: Option<u64>,
+    /// Time since the migration started.
+    pub elapsed_ns: u64,
+}
+
+/// What happens during a migration, in order.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// The handshake succeeded.
+    Connected {
+        /// The transport in use, e.g. `io_uring (SEND_ZC)` or `std`.
+        transport: String,
+    },
+    /// A round finished (round 0 is the first full pass).
+    Round(RoundProgress),
+    /// The guest was paused for the final stop-and-copy.
+    Paused,
+    /// Everything was sent; waiting for the destination's *ready*.
+    AwaitingReady,
+    /// *go* was sent: from now on the guest runs on the destination only.
+    GoSent,
+    /// The migration failed before *ready*, and the guest was resumed here.
+    ResumedOnSource,
+}
+
+/// The result of a migration, on the source.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SourceReport {
+    /// Wall time from start to *go*, in nanoseconds.
+    pub total_ns: u64,
+    /// Precopy rounds after the first full pass.
+    pub rounds: u32,
+    /// Bytes put on the stream, headers included.
+    pub bytes_sent: u64,
+    /// Pages sent with their contents.
+    pub pages_sent: u64,
+    /// Pages sent as zero runs (no payload).
+    pub zero_pages: u64,
+    /// Pages the destination asked for again because they arrived torn.
+    pub pages_resent: u64,
+    /// Bytes of device state sent in the downtime.
+    pub device_bytes: u64,
+    /// Mean payload throughput over the whole migration, bytes/s.
+    pub throughput: u64,
+    /// Pending bytes when the guest was paused.
+    pub final_pending: u64,
+    /// CLOCK_MONOTONIC reading when the guest was paused, in nanoseconds.
+    pub paused_at_ns: u64,
+    /// CLOCK_MONOTONIC reading when *go* was sent, in nanoseconds.
+    pub go_at_ns: u64,
+    /// The downtime seen from the source: pause to *go* sent.
+    pub source_downtime_ns: u64,
+    /// The threshold at the final decision.
+    pub threshold: u64,
+    /// The transport used.
+    pub transport: String,
+}
+
+/// The result of a migration, on the destination.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DestinationReport {
+    /// Bytes read off the stream, headers included.
+    pub bytes_received: u64,
+    /// Pages received with their contents.
+    pub pages_received: u64,
+    /// Pages received as zero runs.
+    pub zero_pages: u64,
+    /// Torn pages asked for again.
+    pub resend_requests: u64,
+    /// Device sections received.
+    pub sections: u32,
+    /// CLOCK_MONOTONIC reading when *go* arrived, in nanoseconds.
+    pub go_at_ns: u64,
+    /// CLOCK_MONOTONIC reading when the guest was started, in nanoseconds.
+    pub resumed_at_ns: u64,
+}
+
+/// The CLOCK_MONOTONIC reading in nanoseconds: comparable across the
+/// processes of one machine, which is how the demo measures the downtime
+/// from the source's pause to the destination's resume.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}

@@ -1,0 +1,350 @@
+//! End-to-end migrations of a plain process memory region: a writer thread
+//! stands in for the guest, the userfaultfd write-protect tracker logs its
+//! writes, and source and destination talk over real loopback sockets through
+//! the real transports.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use ferry_host::destination::{self, DestinationErrorKind};
+use ferry_host::dirty::{ProcessRegion, UffdWpTracker};
+use ferry_host::link::{Endpoint, Listener};
+use ferry_host::memory::{GuestMemory, MemoryOptions};
+use ferry_host::migration::{CallbackError, DeviceSection, GuestControl, GuestStarter, SourceConfig};
+use ferry_host::ram::{Ram, PAGE_SIZE};
+use ferry_host::source::{self, SourceError, SourceLink};
+use ferry_uring::{RecvStrategy, Transport, UringConfig};
+
+const MIB: u64 = 1 << 20;
+
+/// A "guest": a thread that rewrites pages of a memory region until paused.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    pause: Arc<AtomicBool>,
+    parked: Arc<AtomicBool>,
+    pauses: Arc<AtomicU64>,
+    resumes: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
+    handle: Option<thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Writes pages of `base..base+len` in a pseudo-random order, `pages_per_ms`
+    /// pages per millisecond (0: as fast as it can).
+    fn start(base: usize, len: usize, pages_per_ms: u64, hot_pages: u64) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let pause = Arc::new(AtomicBool::new(false));
+        let parked = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(AtomicU64::new(0));
+        let (s, p, k, w) = (stop.clone(), pause.clone(), parked.clone(), written.clone());
+        let handle = thread::spawn(move || {
+            let pages = (len as u64 / PAGE_SIZE).min(hot_pages.max(1));
+            let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+            let mut version: u64 = 1;
+            while !s.load(Ordering::Acquire) {
+                if p.load(Ordering::Acquire) {
+                    k.store(true, Ordering::Release);
+                    thread::sleep(Duration::from_micros(200));
+                    continue;
+                }
+                k.store(false, Ordering::Release);
+                let burst = if pages_per_ms == 0 { 64 } else { pages_per_ms };
+                for _ in 0..burst {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let page = x % pages;
+                    version += 1;
+                    let ptr = (base + (page * PAGE_SIZE) as usize) as *mut u64;
+                    for i in 0..(PAGE_SIZE / 8) as usize {
+                        // SAFETY: inside the test's own mapping.
+                        unsafe { ptr.add(i).write_volatile(version ^ (page << 32) ^ i as u64) };
+                    }
+                    w.fetch_add(1, Ordering::Relaxed);
+                }
+                if pages_per_ms != 0 {
+                    thread::sleep(Duration::from_millis(1));
+                }
+            }
+        });
+        Writer {
+            stop,
+            pause,
+            parked,
+            pauses: Arc::new(AtomicU64::new(0)),
+            resumes: Arc::new(AtomicU64::new(0)),
+            written,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl GuestControl for Writer {
+    fn pause(&mut self) -> Result<(), CallbackError> {
+        self.pauses.fetch_add(1, Ordering::Relaxed);
+        self.pause.store(true, Ordering::Release);
+        while !self.parked.load(Ordering::Acquire) {
+            thread::sleep(Duration::from_micros(50));
+        }
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), CallbackError> {
+        self.resumes.fetch_add(1, Ordering::Relaxed);
+        self.pause.store(false, Ordering::Release);
+        Ok(())
+    }
+    fn device_state(&mut self) -> Result<Vec<DeviceSection>, CallbackError> {
+        let big: Vec<u8> = (0..3 * MIB as usize).map(|i| (i * 7 % 251) as u8).collect();
+        Ok(vec![
+            DeviceSection { id: 1, bytes: b"registers of the writer".to_vec() },
+            DeviceSection { id: 2, bytes: big },
+            DeviceSection { id: 3, bytes: Vec::new() },
+        ])
+    }
+}
+
+#[derive(Default)]
+struct Starter {
+    sections: Vec<DeviceSection>,
+}
+
+impl GuestStarter for Starter {
+    fn start(&mut self, sections: &[DeviceSection]) -> Result<(), CallbackError> {
+        self.sections = sections.to_vec();
+        Ok(())
+    }
+}
+
+fn memory(size: u64) -> GuestMemory {
+    GuestMemory::with_size(size, 1 << 30, MemoryOptions::default()).expect("guest memory")
+}
+
+/// Fills memory with non-zero data, leaving every 8th page zero.
+fn fill(mem: &GuestMemory) {
+    for r in mem.regions() {
+        let p = r.host_ptr();
+        for page in 0..r.size() / PAGE_SIZE {
+            if page % 8 == 3 {
+                continue;
+            }
+            // SAFETY: inside the mapping.
+            unsafe { std::ptr::write_bytes(p.add((page * PAGE_SIZE) as usize), (page % 250 + 1) as u8, PAGE_SIZE as usize) };
+        }
+    }
+}
+
+fn tracker_for(mem: &GuestMemory) -> UffdWpTracker {
+    let regions: Vec<ProcessRegion> = mem
+        .regions()
+        .iter()
+        .map(|r| ProcessRegion::new(r.host_ptr() as usize, r.size() as usize))
+        .collect();
+    UffdWpTracker::new(&regions).expect("userfaultfd write-protect tracker")
+}
+
+fn same_bytes(a: &GuestMemory, b: &GuestMemory) -> Result<(), String> {
+    for (ra, rb) in a.regions().iter().zip(b.regions()) {
+        // SAFETY: both mappings are alive and nobody writes them now.
+        let (sa, sb) = unsafe {
+            (
+                std::slice::from_raw_parts(ra.host_ptr(), ra.size() as usize),
+                std::slice::from_raw_parts(rb.host_ptr(), rb.size() as usize),
+            )
+        };
+        if sa != sb {
+            let page = sa
+                .chunks(PAGE_SIZE as usize)
+                .zip(sb.chunks(PAGE_SIZE as usize))
+                .position(|(x, y)| x != y)
+                .unwrap_or(0);
+            return Err(format!("region {} differs first at page {page}", ra.id()));
+        }
+    }
+    Ok(())
+}
+
+fn transports() -> Vec<(&'static str, Transport)> {
+    vec![
+        ("uring", Transport::Uring(UringConfig::default())),
+        ("std", Transport::Std(RecvStrategy::Direct)),
+    ]
+}
+
+fn migrate_under_writes(transport: Transport, channels: usize, endpoint: Endpoint) {
+    let src_mem = memory(96 * MIB);
+    let dst_mem = memory(96 * MIB);
+    fill(&src_mem);
+    let listener = Listener::bind(&endpoint).expect("bind");
+    let endpoint = listener.local_endpoint().expect("endpoint");
+    let src_ram = Ram::from_memory(&src_mem);
+    let dst_ram = Ram::from_memory(&dst_mem);
+    let base = src_mem.regions()[0].host_ptr() as usize;
+    let mut tracker = tracker_for(&src_mem);
+    let mut writer = Writer::start(base, (96 * MIB) as usize, 8, 4096);
+    let (report, dst) = thread::scope(|s| {
+        let dst = s.spawn(|| {
+            let mut starter = Starter::default();
+            destination::receive(&listener, &dst_ram, &mut starter, transport).map(|r| (r, starter))
+        });
+        let link = SourceLink { endpoint: endpoint.clone(), transport, bulk_channels: channels };
+        let config = SourceConfig { give_up_after: Some(Duration::from_secs(60)), ..SourceConfig::default() };
+        let mut rounds = 0;
+        let report = source::migrate(&src_ram, &mut tracker, &mut writer, &config, &link, &mut |e| {
+            if let ferry_host::migration::Event::Round(p) = e {
+                rounds = p.round;
+            }
+        });
+        (report, dst.join().expect("destination thread"))
+    });
+    let report = report.expect("the migration succeeds");
+    let (dst_report, starter) = dst.expect("the destination succeeds");
+    // The guest stayed paused after go: the source memory is final.
+    assert_eq!(writer.pauses.load(Ordering::Relaxed), 1);
+    assert_eq!(writer.resumes.load(Ordering::Relaxed), 0);
+    assert!(writer.written.load(Ordering::Relaxed) > 0, "the writer wrote while migrating");
+    same_bytes(&src_mem, &dst_mem).expect("destination RAM equals source RAM");
+    assert_eq!(starter.sections.len(), 3);
+    assert_eq!(starter.sections[0].bytes, b"registers of the writer");
+    assert_eq!(starter.sections[1].bytes.len(), 3 * MIB as usize);
+    assert!(starter.sections[2].bytes.is_empty());
+    assert!(report.zero_pages >= 96 * MIB / PAGE_SIZE / 8 - 600, "zero pages sent as zero runs: {}", report.zero_pages);
+    assert!(dst_report.resumed_at_ns >= report.paused_at_ns);
+    assert!(report.pages_sent + report.zero_pages >= 96 * MIB / PAGE_SIZE);
+}
+
+#[test]
+fn process_memory_migrates_byte_exact_under_writes() {
+    for (name, t) in transports() {
+        eprintln!("transport {name}");
+        migrate_under_writes(t, 1, "127.0.0.1:0".parse().expect("endpoint"));
+    }
+}
+
+#[test]
+fn two_bulk_channels_over_unix_sockets() {
+    for (name, t) in transports() {
+        eprintln!("transport {name}");
+        let path = std::env::temp_dir().join(format!("ferry-test-{}-{name}.sock", std::process::id()));
+        migrate_under_writes(t, 2, Endpoint::Unix(path));
+    }
+}
+
+/// A destination whose RAM differs refuses the handshake; the source's
+/// guest is never paused.
+#[test]
+fn layout_mismatch_is_refused_and_the_source_is_unharmed() {
+    let src_mem = memory(64 * MIB);
+    let dst_mem = memory(32 * MIB);
+    let listener = Listener::bind(&"127.0.0.1:0".parse().expect("endpoint")).expect("bind");
+    let endpoint = listener.local_endpoint().expect("endpoint");
+    let (src_ram, dst_ram) = (Ram::from_memory(&src_mem), Ram::from_memory(&dst_mem));
+    let mut tracker = tracker_for(&src_mem);
+    let mut writer = Writer::start(src_mem.regions()[0].host_ptr() as usize, (64 * MIB) as usize, 1, 64);
+    let transport = Transport::Uring(UringConfig::default());
+    let (src, dst) = thread::scope(|s| {
+        let dst = s.spawn(|| destination::receive(&listener, &dst_ram, &mut Starter::default(), transport));
+        let link = SourceLink { endpoint, transport, bulk_channels: 1 };
+        let src = source::migrate(&src_ram, &mut tracker, &mut writer, &SourceConfig::default(), &link, &mut |_| {});
+        (src, dst.join().expect("destination thread"))
+    });
+    let err = src.expect_err("the source must fail");
+    assert!(matches!(err, SourceError::Link(_)), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("refused"), "{msg}");
+    let derr = dst.expect_err("the destination must fail");
+    assert!(!derr.go_received);
+    assert!(matches!(derr.kind, DestinationErrorKind::Link(_)), "{derr}");
+    assert!(derr.to_string().contains("region"), "the error names the region: {derr}");
+    assert_eq!(writer.pauses.load(Ordering::Relaxed), 0);
+}
+
+/// The destination dies mid-precopy: the source reports it, and its guest
+/// keeps running (it was never paused).
+#[test]
+fn destination_lost_mid_precopy_leaves_the_source_running() {
+    let src_mem = memory(256 * MIB);
+    fill(&src_mem);
+    let listener = Listener::bind(&"127.0.0.1:0".parse().expect("endpoint")).expect("bind");
+    let endpoint = listener.local_endpoint().expect("endpoint");
+    let src_ram = Ram::from_memory(&src_mem);
+    let mut tracker = tracker_for(&src_mem);
+    let mut writer = Writer::start(src_mem.regions()[0].host_ptr() as usize, (256 * MIB) as usize, 8, 4096);
+    let transport = Transport::Uring(UringConfig::default());
+    let before = writer.written.load(Ordering::Relaxed);
+    let src = thread::scope(|s| {
+        // A destination that handshakes properly, reads a little, then dies.
+        s.spawn(|| {
+            use std::io::Read;
+            let mut ctl = listener.accept().expect("accept");
+            let layout = src_ram.layout().expect("layout");
+            let ours = ferry_core::wire::Hello::new(
+                ferry_core::wire::Capabilities { postcopy_ram: false, postcopy_only_sections: false, payload_checksums: true, channels: 2 },
+                layout,
+            );
+            let ret = ferry_host::link::ReturnWriter::new(ctl.try_clone().expect("clone"));
+            ferry_host::link::destination_handshake(&mut ctl, &ours, &ret).expect("handshake");
+            let mut bulk = listener.accept().expect("accept bulk");
+            let mut buf = vec![0u8; 1 << 20];
+            let mut got = 0;
+            while got < 8 << 20 {
+                got += bulk.read(&mut buf).expect("read");
+            }
+            bulk.shutdown();
+            ctl.shutdown();
+        });
+        let link = SourceLink { endpoint, transport, bulk_channels: 1 };
+        source::migrate(&src_ram, &mut tracker, &mut writer, &SourceConfig::default(), &link, &mut |_| {})
+    });
+    let err = src.expect_err("the source must fail");
+    eprintln!("source error: {err}");
+    assert!(!matches!(err, SourceError::AfterGo(_)));
+    assert_eq!(writer.pauses.load(Ordering::Relaxed), 0, "never paused");
+    thread::sleep(Duration::from_millis(50));
+    assert!(writer.written.load(Ordering::Relaxed) > before, "the guest keeps running");
+}
+
+/// A guest that dirties faster than the (capped) link: the migration gives
+/// up with a "not converging" error instead of stopping the guest for long,
+/// and never switches to postcopy on its own.
+#[test]
+fn a_guest_faster_than_the_link_does_not_converge() {
+    let src_mem = memory(64 * MIB);
+    let dst_mem = memory(64 * MIB);
+    fill(&src_mem);
+    let listener = Listener::bind(&"127.0.0.1:0".parse().expect("endpoint")).expect("bind");
+    let endpoint = listener.local_endpoint().expect("endpoint");
+    let (src_ram, dst_ram) = (Ram::from_memory(&src_mem), Ram::from_memory(&dst_mem));
+    let mut tracker = tracker_for(&src_mem);
+    // ~64 pages/ms = 256 MB/s over 16 Ki hot pages, against a 16 MB/s link.
+    let mut writer = Writer::start(src_mem.regions()[0].host_ptr() as usize, (64 * MIB) as usize, 64, 16 * 1024);
+    let transport = Transport::Uring(UringConfig::default());
+    let (src, dst) = thread::scope(|s| {
+        let dst = s.spawn(|| destination::receive(&listener, &dst_ram, &mut Starter::default(), transport));
+        let link = SourceLink { endpoint, transport, bulk_channels: 1 };
+        let config = SourceConfig {
+            bandwidth_cap: Some(16 * MIB),
+            give_up_after: Some(Duration::from_secs(8)),
+            downtime_limit: Duration::from_millis(50),
+            ..SourceConfig::default()
+        };
+        let src = source::migrate(&src_ram, &mut tracker, &mut writer, &config, &link, &mut |_| {});
+        (src, dst.join().expect("destination thread"))
+    });
+    let err = src.expect_err("the migration must not complete");
+    assert!(matches!(err, SourceError::NotConverging { .. }), "{err}");
+    assert!(err.to_string().contains("not converging"));
+    assert_eq!(writer.pauses.load(Ordering::Relaxed), 0, "never paused");
+    let derr = dst.expect_err("the destination sees the source go away");
+    assert!(!derr.go_received);
+}
