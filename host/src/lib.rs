@@ -5,6 +5,7 @@ pub mod dirty;
 pub mod memory;
 pub mod vmm;
 pub mod destination;
+pub mod kvm_guest;
 pub mod link;
 pub mod migration;
 pub mod ram;

@@ -76,7 +76,7 @@ impl Default for SourceConfig {
             bandwidth_cap: None,
             give_up_after: None,
             floor_bytes: 256 * 1024,
-            max_run_pages: 256,
+            max_run_pages: 64,
             payload_checksums: true,
             ready_timeout: Duration::from_secs(10),
         }

@@ -38,6 +38,10 @@ use crate::ram::{Ram, RamRegion, PAGE_SIZE};
 
 /// Records per batch handed to a sender thread.
 const BATCH: usize = 256;
+/// Payload bytes per batch: the sender checksums a batch just before handing
+/// it to the transport, so a small batch keeps the window in which a guest
+/// write tears a page (checksum taken, bytes not yet sent) short.
+const BATCH_BYTES: u64 = 2 << 20;
 /// Bitmap words re-armed and scanned at a time (64 Ki pages, 256 MiB).
 const CHUNK_WORDS: usize = 1024;
 
@@ -694,6 +698,7 @@ fn dispatch<T: DirtyTracker>(
     let n = jobs.len();
     let mut batches: Vec<Vec<PageWork>> = (0..n).map(|_| Vec::with_capacity(BATCH)).collect();
     let mut bytes = 0u64;
+    let mut batch_bytes = vec![0u64; n];
     for (r, words) in bitmaps.iter_mut().enumerate() {
         let region_pages = pages[r];
         for (c, chunk) in words.chunks_mut(CHUNK_WORDS).enumerate() {
@@ -718,7 +723,9 @@ fn dispatch<T: DirtyTracker>(
                         count: count as u32,
                         detect_zero,
                     });
-                    if batches[ch].len() >= BATCH {
+                    batch_bytes[ch] += count * PAGE_SIZE;
+                    if batches[ch].len() >= BATCH || batch_bytes[ch] >= BATCH_BYTES {
+                        batch_bytes[ch] = 0;
                         let b = std::mem::replace(&mut batches[ch], Vec::with_capacity(BATCH));
                         jobs[ch]
                             .send(Job::Pages(b))

@@ -1,2 +1,530 @@
-//! The `ferry` command (not yet written).
-fn main() {}
+//! The `ferry` command: live-migrate a real KVM guest.
+//!
+//! - `ferry demo`: a whole migration on this machine, source and destination
+//!   as two processes over loopback, ending with the guest verifying its own
+//!   memory on the destination.
+//! - `ferry receive --listen ADDR` and `ferry send --to ADDR`: the same across
+//!   two machines.
+
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use ferry_host::destination;
+use ferry_host::kvm_guest::{self, IncomingGuest, SourceGuest};
+use ferry_host::link::{Endpoint, Listener};
+use ferry_host::migration::{monotonic_ns, DestinationReport, Event, SourceConfig, SourceReport};
+use ferry_host::ram::Ram;
+use ferry_host::source::{self, SourceLink};
+use ferry_host::vmm::{VerifyReport, Vm, VmConfig};
+use ferry_uring::{RecvStrategy, Transport, UringConfig};
+
+#[derive(Parser, Debug)]
+#[command(name = "ferry", version, about = "Live migration of a running KVM guest's memory, precopy over io_uring.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Migrate a real KVM guest between two processes on this machine and let it verify itself.
+    Demo(DemoArgs),
+    /// Start a guest here and migrate it to a `ferry receive` elsewhere.
+    Send(SendArgs),
+    /// Wait for a migration, run the guest that arrives, and have it verify its memory.
+    Receive(ReceiveArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum TransportArg {
+    /// io_uring with registered guest memory (falls back to std when unavailable).
+    Uring,
+    /// io_uring with zero-copy sends (SEND_ZC).
+    UringZc,
+    /// Plain blocking std::net sockets.
+    Std,
+}
+
+impl TransportArg {
+    fn transport(self) -> Transport {
+        match self {
+            TransportArg::Uring => Transport::Uring(UringConfig::default()),
+            TransportArg::UringZc => Transport::Uring(UringConfig {
+                zero_copy: true,
+                ..UringConfig::default()
+            }),
+            TransportArg::Std => Transport::Std(RecvStrategy::Direct),
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+struct GuestArgs {
+    /// Guest memory size (K, M, G suffixes; a multiple of 2 MiB).
+    #[arg(long, default_value = "2G", value_parser = parse_size)]
+    mem: u64,
+    /// vCPUs; each dirties its share of the pages.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+}
+
+#[derive(Args, Debug, Clone)]
+struct MigrateArgs {
+    /// How fast the guest dirties memory during the migration, bytes/s (K, M, G suffixes).
+    #[arg(long, default_value = "100M", value_parser = parse_size)]
+    dirty_rate: u64,
+    /// Downtime limit in milliseconds: a ceiling, not a budget.
+    #[arg(long, default_value_t = 300)]
+    downtime_ms: u64,
+    /// Bandwidth cap in bytes/s (K, M, G suffixes); none by default.
+    #[arg(long, value_parser = parse_size)]
+    bandwidth: Option<u64>,
+    /// Bulk channels.
+    #[arg(long, default_value_t = 1)]
+    channels: usize,
+    /// Transport.
+    #[arg(long, value_enum, default_value = "uring")]
+    transport: TransportArg,
+    /// Give up when the migration has not converged after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    give_up_s: u64,
+    /// Print the final report as JSON on stdout (progress stays off).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    #[command(flatten)]
+    guest: GuestArgs,
+    #[command(flatten)]
+    migrate: MigrateArgs,
+    /// Use a Unix socket instead of loopback TCP.
+    #[arg(long)]
+    unix: bool,
+}
+
+#[derive(Args, Debug)]
+struct SendArgs {
+    /// The destination: HOST:PORT or unix:PATH.
+    #[arg(long)]
+    to: String,
+    #[command(flatten)]
+    guest: GuestArgs,
+    #[command(flatten)]
+    migrate: MigrateArgs,
+}
+
+#[derive(Args, Debug)]
+struct ReceiveArgs {
+    /// Where to listen: HOST:PORT (port 0 picks one) or unix:PATH.
+    #[arg(long)]
+    listen: String,
+    #[command(flatten)]
+    guest: GuestArgs,
+    /// Transport.
+    #[arg(long, value_enum, default_value = "uring")]
+    transport: TransportArg,
+    /// Let the guest run this long on this side before it verifies its memory.
+    #[arg(long, default_value_t = 1.0)]
+    run_s: f64,
+    /// Print the report as one JSON line on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mul) = match s.chars().last() {
+        Some('k' | 'K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('m' | 'M') => (&s[..s.len() - 1], 1 << 20),
+        Some('g' | 'G') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let v: f64 = num.parse().map_err(|_| format!("'{s}' is not a size such as 512M or 2G"))?;
+    if v < 0.0 {
+        return Err(format!("'{s}' is negative"));
+    }
+    Ok((v * mul as f64) as u64)
+}
+
+fn human_bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.2} GiB", b / (1u64 << 30) as f64)
+    } else if b >= (1u64 << 20) as f64 {
+        format!("{:.1} MiB", b / (1u64 << 20) as f64)
+    } else if b >= 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{b} B")
+    }
+}
+
+fn human_rate(bps: u64) -> String {
+    format!("{:.2} GB/s", bps as f64 / 1e9)
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Cmd::Demo(a) => demo(a),
+        Cmd::Send(a) => send(a),
+        Cmd::Receive(a) => receive(a),
+    };
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferry: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn require_kvm() -> Result<(), BoxError> {
+    if std::path::Path::new("/dev/kvm").exists() {
+        Ok(())
+    } else {
+        Err("/dev/kvm is missing: this machine cannot run a KVM guest, so there is nothing to migrate".into())
+    }
+}
+
+fn vm_config(g: &GuestArgs, dirty_rate: u64) -> VmConfig {
+    VmConfig {
+        mem_size: g.mem,
+        vcpus: g.vcpus,
+        dirty_rate,
+        ..VmConfig::default()
+    }
+}
+
+/// What the destination process reports.
+#[derive(Debug, Serialize, serde::Deserialize, Default)]
+struct DestinationSummary {
+    ok: bool,
+    error: Option<String>,
+    go_received: bool,
+    bytes_received: u64,
+    pages_received: u64,
+    zero_pages: u64,
+    resend_requests: u64,
+    go_at_ns: u64,
+    resumed_at_ns: u64,
+    ran_s: f64,
+    pages_dirtied_here: u64,
+    verify_pages_checked: u64,
+    verify_mismatches: u64,
+}
+
+/// The whole demo's report.
+#[derive(Debug, Serialize)]
+struct DemoReport {
+    ok: bool,
+    error: Option<String>,
+    guest_mem_bytes: u64,
+    vcpus: u32,
+    dirty_rate: u64,
+    downtime_limit_ms: u64,
+    total_s: f64,
+    downtime_ms: Option<f64>,
+    source: SourceReport,
+    destination: Option<DestinationSummary>,
+    guest_verified: bool,
+}
+
+fn progress(json: bool) -> ProgressBar {
+    if json || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    pb.enable_steady_tick(Duration::from_millis(100));
+    pb
+}
+
+/// Prints a line to stderr unless `quiet`, above the progress bar.
+fn note(pb: &ProgressBar, quiet: bool, msg: String) {
+    if quiet {
+        return;
+    }
+    if pb.is_hidden() {
+        eprintln!("{msg}");
+    } else {
+        pb.println(msg);
+    }
+}
+
+/// Boots the source guest, lets it fill its RAM and start dirtying.
+fn start_source(g: &GuestArgs, m: &MigrateArgs, pb: &ProgressBar) -> Result<Vm, BoxError> {
+    require_kvm()?;
+    pb.set_message(format!("booting a {} guest with {} vCPU(s)", human_bytes(g.mem), g.vcpus));
+    let vm = Vm::new(vm_config(g, 0))?;
+    vm.resume()?;
+    pb.set_message("the guest fills its RAM with pseudo-random data (in ring 3)");
+    let t = Instant::now();
+    vm.wait_filled(Duration::from_secs(600))?;
+    note(pb, m.json, format!("guest: {} filled in {:.1} s", human_bytes(g.mem), t.elapsed().as_secs_f64()));
+    vm.set_dirty_rate(m.dirty_rate)?;
+    vm.wait_rate_applied(Duration::from_secs(10))?;
+    std::thread::sleep(Duration::from_millis(300));
+    note(pb, m.json, format!("guest: dirtying {}/s", human_bytes(m.dirty_rate)));
+    Ok(vm)
+}
+
+fn run_source(vm: &Vm, endpoint: Endpoint, m: &MigrateArgs, pb: &ProgressBar) -> Result<SourceReport, source::SourceError> {
+    let ram = Ram::from_memory(vm.memory());
+    let mut tracker = kvm_guest::dirty_tracker(vm)?;
+    let mut guest = SourceGuest::new(vm);
+    let config = SourceConfig {
+        downtime_limit: Duration::from_millis(m.downtime_ms),
+        bandwidth_cap: m.bandwidth,
+        give_up_after: Some(Duration::from_secs(m.give_up_s)),
+        ..SourceConfig::default()
+    };
+    let link = SourceLink {
+        endpoint,
+        transport: m.transport.transport(),
+        bulk_channels: m.channels.max(1),
+    };
+    let json = m.json;
+    source::migrate(&ram, &mut tracker, &mut guest, &config, &link, &mut |e| match e {
+        Event::Connected { transport } => note(pb, json, format!("connected: {transport}, dirty log: {}", if vm.dirty_log_caps().manual_protect { "KVM manual protect" } else { "KVM" })),
+        Event::Round(p) => {
+            let what = if p.round == 0 { "first pass".to_string() } else { format!("round {}", p.round) };
+            let msg = format!(
+                "{what}: pending {} · link {} · dirty {}/s · expected downtime {}",
+                human_bytes(p.pending_bytes),
+                human_rate(p.bandwidth),
+                human_bytes(p.dirty_rate),
+                p.expected_downtime_ns.map(|n| format!("{:.1} ms", n as f64 / 1e6)).unwrap_or_else(|| "?".into())
+            );
+            pb.set_message(msg.clone());
+            if p.round == 0 {
+                note(pb, json, msg);
+            }
+        }
+        Event::Paused => pb.set_message("guest paused: stop-and-copy"),
+        Event::AwaitingReady => pb.set_message("waiting for the destination's ready"),
+        Event::GoSent => pb.set_message("go sent: the guest runs on the destination"),
+        Event::ResumedOnSource => note(pb, json, "the migration failed before ready: the guest runs on here again".into()),
+    })
+}
+
+fn demo(a: DemoArgs) -> Result<ExitCode, BoxError> {
+    require_kvm()?;
+    let pb = progress(a.migrate.json);
+    let listen = if a.unix {
+        format!("unix:{}", std::env::temp_dir().join(format!("ferry-demo-{}.sock", std::process::id())).display())
+    } else {
+        "127.0.0.1:0".to_string()
+    };
+    // The destination: a second process, so the guest really moves.
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .args(["receive", "--listen", &listen, "--json", "--mem", &a.guest.mem.to_string(), "--vcpus", &a.guest.vcpus.to_string()])
+        .args(["--transport", a.migrate.transport.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default().as_str()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("the destination process has no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines.next().ok_or("the destination process exited before listening")??;
+    let endpoint: Endpoint = first
+        .strip_prefix("listening ")
+        .ok_or_else(|| format!("the destination process said '{first}' instead of where it listens"))?
+        .parse()?;
+    note(&pb, a.migrate.json, format!("destination: process {} listening on {endpoint}", child.id()));
+
+    let started = Instant::now();
+    let vm = start_source(&a.guest, &a.migrate, &pb)?;
+    let result = run_source(&vm, endpoint, &a.migrate, &pb);
+    pb.finish_and_clear();
+    let dest: Option<DestinationSummary> = lines
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("report ").and_then(|j| serde_json::from_str(j).ok()));
+    let _ = child.wait();
+
+    let (source, error) = match &result {
+        Ok(r) => (r.clone(), None),
+        Err(e) => (SourceReport::default(), Some(e.to_string())),
+    };
+    if let Err(e) = &result {
+        // The guest runs on the source again: show it is intact.
+        if !vm.is_paused() {
+            if let Ok(v) = vm.request_verify(Duration::from_secs(120)) {
+                eprintln!("ferry: the guest still runs on the source and verifies its memory: {} pages checked, {} mismatches", v.pages_checked, v.mismatches);
+            }
+        }
+        let _ = e;
+    }
+    let downtime_ms = match (&result, &dest) {
+        (Ok(s), Some(d)) if d.ok => Some(d.resumed_at_ns.saturating_sub(s.paused_at_ns) as f64 / 1e6),
+        _ => None,
+    };
+    let verified = dest.as_ref().is_some_and(|d| d.ok && d.verify_mismatches == 0 && d.verify_pages_checked > 0);
+    let report = DemoReport {
+        ok: result.is_ok() && verified,
+        error: error.or_else(|| dest.as_ref().and_then(|d| d.error.clone())),
+        guest_mem_bytes: a.guest.mem,
+        vcpus: a.guest.vcpus,
+        dirty_rate: a.migrate.dirty_rate,
+        downtime_limit_ms: a.migrate.downtime_ms,
+        total_s: started.elapsed().as_secs_f64(),
+        downtime_ms,
+        source,
+        destination: dest,
+        guest_verified: verified,
+    };
+    print_report(&report, a.migrate.json)?;
+    Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn print_report(r: &DemoReport, json: bool) -> Result<(), BoxError> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, r)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    let s = &r.source;
+    writeln!(out)?;
+    writeln!(out, "Ferry live migration — {}", if r.ok { "done" } else { "FAILED" })?;
+    writeln!(out, "  guest            {} RAM, {} vCPU(s), dirtying {}/s", human_bytes(r.guest_mem_bytes), r.vcpus, human_bytes(r.dirty_rate))?;
+    if let Some(e) = &r.error {
+        writeln!(out, "  error            {e}")?;
+    }
+    if s.total_ns > 0 {
+        writeln!(out, "  migration time   {:.2} s  ({} rounds after the first pass)", s.total_ns as f64 / 1e9, s.rounds)?;
+        match r.downtime_ms {
+            Some(d) => writeln!(out, "  downtime         {d:.2} ms  (source pause → destination resume; limit {} ms)", r.downtime_limit_ms)?,
+            None => writeln!(out, "  downtime         unknown")?,
+        }
+        writeln!(out, "  sent             {}  ({} pages, {} zero pages, {} resent)", human_bytes(s.bytes_sent), s.pages_sent, s.zero_pages, s.pages_resent)?;
+        writeln!(out, "  throughput       {}", human_rate(s.throughput))?;
+        writeln!(out, "  transport        {}", s.transport)?;
+    }
+    if let Some(d) = &r.destination {
+        if d.ok {
+            writeln!(
+                out,
+                "  guest verify     {} pages checked on the destination, {} mismatches (after running there {:.1} s and dirtying {} more pages)",
+                d.verify_pages_checked, d.verify_mismatches, d.ran_s, d.pages_dirtied_here
+            )?;
+        } else if let Some(e) = &d.error {
+            writeln!(out, "  destination      {e}")?;
+        }
+    }
+    writeln!(out, "  total            {:.2} s", r.total_s)?;
+    Ok(())
+}
+
+fn send(a: SendArgs) -> Result<ExitCode, BoxError> {
+    let endpoint: Endpoint = a.to.parse()?;
+    let pb = progress(a.migrate.json);
+    let started = Instant::now();
+    let vm = start_source(&a.guest, &a.migrate, &pb)?;
+    let result = run_source(&vm, endpoint, &a.migrate, &pb);
+    pb.finish_and_clear();
+    let (source, error) = match &result {
+        Ok(r) => (r.clone(), None),
+        Err(e) => (SourceReport::default(), Some(e.to_string())),
+    };
+    let report = DemoReport {
+        ok: result.is_ok(),
+        error,
+        guest_mem_bytes: a.guest.mem,
+        vcpus: a.guest.vcpus,
+        dirty_rate: a.migrate.dirty_rate,
+        downtime_limit_ms: a.migrate.downtime_ms,
+        total_s: started.elapsed().as_secs_f64(),
+        downtime_ms: result.as_ref().ok().map(|s| s.source_downtime_ns as f64 / 1e6),
+        source,
+        destination: None,
+        guest_verified: false,
+    };
+    print_report(&report, a.migrate.json)?;
+    Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
+    require_kvm()?;
+    let endpoint: Endpoint = a.listen.parse()?;
+    let vm = Vm::new_incoming(vm_config(&a.guest, 0))?;
+    let listener = Listener::bind(&endpoint)?;
+    let bound = listener.local_endpoint()?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening {bound}")?;
+        out.flush()?;
+    }
+    if !a.json {
+        eprintln!("ferry: waiting for a migration on {bound}");
+    }
+    let ram = Ram::from_memory(vm.memory());
+    let mut starter = IncomingGuest::new(&vm);
+    let result = destination::receive(&listener, &ram, &mut starter, a.transport.transport());
+    let mut summary = DestinationSummary::default();
+    let code = match result {
+        Ok(r) => {
+            fill_summary(&mut summary, &r);
+            let at_start = vm.guest_status().map(|s| s.pages_dirtied).unwrap_or(0);
+            let t = Instant::now();
+            std::thread::sleep(Duration::from_secs_f64(a.run_s.max(0.0)));
+            summary.ran_s = t.elapsed().as_secs_f64();
+            summary.pages_dirtied_here = vm.guest_status().map(|s| s.pages_dirtied).unwrap_or(0).saturating_sub(at_start);
+            match vm.request_verify(Duration::from_secs(300)) {
+                Ok(VerifyReport { pages_checked, mismatches, .. }) => {
+                    summary.ok = true;
+                    summary.verify_pages_checked = pages_checked;
+                    summary.verify_mismatches = mismatches;
+                }
+                Err(e) => summary.error = Some(format!("the guest could not verify its memory: {e}")),
+            }
+            if summary.ok && summary.verify_mismatches == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            summary.error = Some(e.to_string());
+            summary.go_received = e.go_received;
+            ExitCode::FAILURE
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        writeln!(out, "report {}", serde_json::to_string(&summary)?)?;
+    } else {
+        match &summary.error {
+            Some(e) => writeln!(out, "ferry receive: failed: {e}")?,
+            None => writeln!(
+                out,
+                "ferry receive: the guest arrived ({} pages, {} zero pages, {} torn pages asked again), ran {:.1} s here and verified {} pages: {} mismatches",
+                summary.pages_received, summary.zero_pages, summary.resend_requests, summary.ran_s, summary.verify_pages_checked, summary.verify_mismatches
+            )?,
+        }
+    }
+    let _ = monotonic_ns;
+    Ok(code)
+}
+
+fn fill_summary(s: &mut DestinationSummary, r: &DestinationReport) {
+    s.go_received = true;
+    s.bytes_received = r.bytes_received;
+    s.pages_received = r.pages_received;
+    s.zero_pages = r.zero_pages;
+    s.resend_requests = r.resend_requests;
+    s.go_at_ns = r.go_at_ns;
+    s.resumed_at_ns = r.resumed_at_ns;
+}
