@@ -4,7 +4,7 @@
 CARGO ?= cargo
 FUZZ_SECONDS ?= 600
 
-.PHONY: all prereqs demo test lint unit nostd-proof bench fuzz clean
+.PHONY: all prereqs demo test lint unit nostd-proof bench bench-migrate bench-transport bench-bitmap fuzz clean
 
 all: test
 
@@ -35,14 +35,28 @@ unit:
 nostd-proof:
 	cd nostd-proof && $(CARGO) build --release
 
-## bench: every benchmark, each figure beside its baseline.
+## bench: the criterion micro-benchmarks (bitmap scan, wire decode), each beside its baselines.
 bench: prereqs
 	$(CARGO) bench -p ferry-benches
+
+## bench-migrate: end-to-end migrations of real KVM guests beside the raw loopback ceiling.
+BENCH_ARGS ?=
+bench-migrate: prereqs
+	$(CARGO) build --release -p ferry-host --bin ferry -p ferry-benches --bin migrate_bench
+	./target/release/migrate_bench $(BENCH_ARGS)
+
+## bench-transport: io_uring, SEND_ZC and std streaming 4 GiB beside the raw ceiling.
+bench-transport: prereqs
+	$(CARGO) run --release -p ferry-benches --bin transport_stream -- $(BENCH_ARGS)
+
+## bench-bitmap: the bitmap-scan table (GB/s and pages/s beside the three baselines).
+bench-bitmap: prereqs
+	$(CARGO) run --release -p ferry-benches --bin bitmap_table
 
 ## fuzz: run each cargo-fuzz target for FUZZ_SECONDS (default 600).
 fuzz: prereqs
 	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz
-	for t in $$(ls fuzz/fuzz_targets | sed 's/\.rs$$//'); do fuzz/run.sh $$t $(FUZZ_SECONDS) || exit 1; done
+	for t in stream_decoder return_path roundtrip; do fuzz/run.sh $$t $(FUZZ_SECONDS) || exit 1; done
 
 clean:
 	$(CARGO) clean

@@ -9,6 +9,7 @@
 
 use core::panic::PanicInfo;
 
+use ferry_core::bitmap::DirtyBitmap;
 use ferry_core::pending::Pending;
 use ferry_core::policy::{decide, Capabilities, Decision, Inputs};
 use ferry_core::rate::{threshold, RateEstimator, DEFAULT_WINDOW_NS};
@@ -38,6 +39,27 @@ pub extern "C" fn ferry_proof_decide(compatible: u64, sent: u64, elapsed_ns: u64
         Ok(Decision::Switchover { .. }) => 2,
         Err(_) => 3,
     }
+}
+
+/// Sets every page of a `pages`-page bitmap over `words` (caller-owned) and
+/// counts the runs of at most `max_run` pages taken back out of it; returns
+/// `u64::MAX` when the words are too few.
+///
+/// # Safety
+///
+/// `words` must point to `len` writable `u64`s.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_proof_runs(words: *mut u64, len: usize, pages: usize, max_run: usize) -> u64 {
+    if words.is_null() {
+        return u64::MAX;
+    }
+    // SAFETY: the caller promises `len` writable words at `words`.
+    let words = unsafe { core::slice::from_raw_parts_mut(words, len) };
+    let Ok(mut bm) = DirtyBitmap::new(words, pages) else {
+        return u64::MAX;
+    };
+    bm.set_all();
+    bm.drain_runs(max_run).count() as u64
 }
 
 #[panic_handler]

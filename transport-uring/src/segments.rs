@@ -94,3 +94,43 @@ pub(crate) fn from_offset(segs: &[Seg], start: u64) -> impl Iterator<Item = Seg>
         })
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_from_any_byte() {
+        let data = [0u8; 100];
+        let p = data.as_ptr();
+        let segs = [
+            Seg {
+                ptr: p,
+                len: 32,
+                piece: None,
+            },
+            Seg {
+                ptr: p.wrapping_add(32),
+                len: 8,
+                piece: Some(0),
+            },
+            Seg {
+                ptr: p.wrapping_add(40),
+                len: 60,
+                piece: Some(1),
+            },
+        ];
+        // Every byte offset resumes at exactly that byte, and the rest adds up.
+        for start in 0..=100u64 {
+            let rest: Vec<Seg> = from_offset(&segs, start).collect();
+            let total: usize = rest.iter().map(|s| s.len).sum();
+            assert_eq!(total as u64, 100 - start);
+            if let Some(first) = rest.first() {
+                assert_eq!(first.ptr, p.wrapping_add(start as usize));
+            }
+        }
+        let rest: Vec<Seg> = from_offset(&segs, 35).collect();
+        assert_eq!(rest.len(), 2);
+        assert_eq!((rest[0].len, rest[0].piece), (5, Some(0)));
+    }
+}

@@ -756,3 +756,40 @@ mod wire {
     use super::*;
     suite!(wire_decoder_places_records);
 }
+
+/// When the probe found no io_uring, asking for it yields the std transport, which works.
+#[test]
+fn falls_back_to_std_without_io_uring() {
+    let mut p = probed().clone();
+    p.io_uring = Err("io_uring is disabled by kernel.io_uring_disabled".into());
+    assert!(p.to_string().starts_with("io_uring unavailable"), "{p}");
+    let mem = Mem::new(16 * PAGE);
+    mem.fill_random(4);
+    let dst = Mem::new(16 * PAGE);
+    let (a, b) = pair(Sock::Unix);
+    let t = Transport::Uring(UringConfig::default());
+    let mut tx = AnyChannel::new(a, &[mem.region()], t, &p).unwrap();
+    let mut rx = AnyChannel::new(b, &[dst.region()], t, &p).unwrap();
+    assert_eq!(tx.name(), "std");
+    tx.send(&[run(0, 0, 16)]).unwrap();
+    let r = rx.recv(&mut TestDecoder, &mut []).unwrap().unwrap();
+    assert_eq!(
+        r.placement,
+        Placement::Guest {
+            region: 0,
+            offset: 0,
+            len: 16 * PAGE as u64
+        }
+    );
+    assert!(mem.bytes() == dst.bytes());
+}
+
+#[test]
+fn share_out_splits_at_stripes() {
+    let s = ferry_uring::STRIPE_PAGES;
+    let pieces: Vec<_> = ferry_uring::share_out(s - 2, s + 4, 2).collect();
+    assert_eq!(pieces, vec![(0, s - 2, 2), (1, s, s), (0, 2 * s, 2)]);
+    let total: u64 = pieces.iter().map(|p| p.2).sum();
+    assert_eq!(total, s + 4);
+    assert_eq!(ferry_uring::bulk_channel_for(5, 0), 0);
+}

@@ -273,14 +273,16 @@ fn main() {
     let mut gib = 4u64;
     let mut reps = 3usize;
     let mut json = false;
+    let mut filter = String::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--gib" => gib = args.next().and_then(|v| v.parse().ok()).unwrap_or(gib),
             "--reps" => reps = args.next().and_then(|v| v.parse().ok()).unwrap_or(reps),
             "--json" => json = true,
+            "--only" => filter = args.next().unwrap_or_default(),
             _ => {
-                eprintln!("usage: transport_stream [--gib N] [--reps N] [--json]");
+                eprintln!("usage: transport_stream [--gib N] [--reps N] [--json] [--only TEXT]");
                 std::process::exit(2);
             }
         }
@@ -349,6 +351,15 @@ fn main() {
 
     // Each case runs right after its own ceiling measurement, and is reported as the median of
     // those paired ratios: the machine is shared, so only same-moment comparisons mean much.
+    // `--only TEXT` keeps the cases whose "pattern channels transport" line contains TEXT.
+    cases.retain(|c| {
+        let pat = if c.pattern == Pattern::Sequential {
+            "sequential"
+        } else {
+            "scattered"
+        };
+        format!("{pat} {} {}", c.channels, c.name).contains(&filter)
+    });
     let gbps = |d: Duration| total as f64 / d.as_secs_f64() / 1e9;
     let mut ceil: Vec<f64> = Vec::new();
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
