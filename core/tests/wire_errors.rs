@@ -329,6 +329,10 @@ fn bytes_after_end() {
     assert_eq!(err.cause, Cause::AfterEnd);
     assert_eq!(err.offset, 64);
     assert_eq!(err.kind, 0x01);
+    assert_eq!(
+        err.seq, 2,
+        "the record that should not be there would be seq 2"
+    );
 }
 
 fn feed_all(dec: &mut StreamDecoder, mut input: &[u8]) {

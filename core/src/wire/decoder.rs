@@ -144,6 +144,7 @@ pub struct StreamDecoder {
     record_offset: u64,
     next_seq: u32,
     crc: crc32fast::Hasher,
+    fresh: crc32fast::Hasher,
 }
 
 impl StreamDecoder {
@@ -165,6 +166,7 @@ impl StreamDecoder {
             record_offset: offset,
             next_seq: 0,
             crc: crc32fast::Hasher::new(),
+            fresh: crc32fast::Hasher::new(),
         }
     }
 
@@ -224,7 +226,7 @@ impl StreamDecoder {
                 } else {
                     self.record_offset = self.offset;
                     let kind = input.first().copied().unwrap_or(0);
-                    Err(self.fail(0, kind, Cause::AfterEnd))
+                    Err(self.fail(self.next_seq, kind, Cause::AfterEnd))
                 }
             }
             State::Header => self.step_header(input),
@@ -343,9 +345,10 @@ impl StreamDecoder {
     }
 
     fn verify(&mut self, record: Record) -> Event<'static> {
-        let crc = core::mem::replace(&mut self.crc, crc32fast::Hasher::new());
         self.next_record(&record);
         if self.neg.caps.payload_checksums && record.payload_len > 0 {
+            // A clone of the fresh hasher kept aside skips CPU feature detection.
+            let crc = core::mem::replace(&mut self.crc, self.fresh.clone());
             let computed = crc.finalize();
             if computed != record.payload_crc {
                 return Event::Torn { record, computed };
@@ -365,6 +368,15 @@ impl StreamDecoder {
     }
 
     fn step_header<'a>(&mut self, input: &'a [u8]) -> Result<Step<'a>, DecodeError> {
+        if self.fill == 0 {
+            if let Some(whole) = input.first_chunk::<HEADER_LEN>() {
+                // Fast path: the whole header is in the input; a fixed-size copy.
+                self.hdr = *whole;
+                self.fill = HEADER_LEN;
+                self.offset = self.offset.saturating_add(HEADER_LEN as u64);
+                return self.header_complete(HEADER_LEN);
+            }
+        }
         let want = HEADER_LEN.saturating_sub(self.fill).min(input.len());
         let (Some(dst), Some(src)) = (
             self.hdr.get_mut(self.fill..self.fill + want),
@@ -384,6 +396,11 @@ impl StreamDecoder {
                 event: None,
             });
         }
+        self.header_complete(want)
+    }
+
+    /// The header array is full: validate it and start the record.
+    fn header_complete<'a>(&mut self, want: usize) -> Result<Step<'a>, DecodeError> {
         let h = Header::new_unchecked(&self.hdr[..]);
         let (seq, kind) = (h.seq(), h.kind());
         let record = match Repr::parse(&h, &self.neg) {

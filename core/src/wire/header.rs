@@ -79,6 +79,7 @@ const _: () = {
 
 impl RecordHeader {
     /// CRC32 of the first [`HEADER_CRC_LEN`] bytes, as it belongs in `header_crc`.
+    #[inline]
     pub fn compute_header_crc(&self) -> u32 {
         crc32fast::hash(&self.as_bytes()[..HEADER_CRC_LEN])
     }
@@ -89,6 +90,7 @@ impl RecordHeader {
     }
 
     /// Whether `header_crc` matches the other fields.
+    #[inline]
     pub fn header_crc_ok(&self) -> bool {
         self.header_crc.get() == self.compute_header_crc()
     }
@@ -104,14 +106,17 @@ pub struct Header<T: AsRef<[u8]>> {
     buffer: T,
 }
 
+#[inline]
 fn le16(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
 
+#[inline]
 fn le32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
+#[inline]
 fn le64(b: &[u8], at: usize) -> u64 {
     let mut v = [0u8; 8];
     v.copy_from_slice(&b[at..at + 8]);
@@ -147,56 +152,67 @@ impl<T: AsRef<[u8]>> Header<T> {
     }
 
     /// `kind` field.
+    #[inline]
     pub fn kind(&self) -> u8 {
         self.buffer.as_ref()[field::KIND]
     }
 
     /// `flags` field.
+    #[inline]
     pub fn flags(&self) -> u8 {
         self.buffer.as_ref()[field::FLAGS]
     }
 
     /// `id` field.
+    #[inline]
     pub fn id(&self) -> u16 {
         le16(self.buffer.as_ref(), field::ID)
     }
 
     /// `count` field.
+    #[inline]
     pub fn count(&self) -> u32 {
         le32(self.buffer.as_ref(), field::COUNT)
     }
 
     /// `first` field.
+    #[inline]
     pub fn first(&self) -> u64 {
         le64(self.buffer.as_ref(), field::FIRST)
     }
 
     /// `payload_len` field.
+    #[inline]
     pub fn payload_len(&self) -> u32 {
         le32(self.buffer.as_ref(), field::PAYLOAD_LEN)
     }
 
     /// `payload_crc` field.
+    #[inline]
     pub fn payload_crc(&self) -> u32 {
         le32(self.buffer.as_ref(), field::PAYLOAD_CRC)
     }
 
     /// `seq` field.
+    #[inline]
     pub fn seq(&self) -> u32 {
         le32(self.buffer.as_ref(), field::SEQ)
     }
 
     /// `header_crc` field.
+    #[inline]
     pub fn header_crc(&self) -> u32 {
         le32(self.buffer.as_ref(), field::HEADER_CRC)
     }
 
     /// CRC32 of bytes `0..28`, as it should be in `header_crc`.
+    #[inline]
     pub fn compute_header_crc(&self) -> u32 {
         crc32fast::hash(&self.buffer.as_ref()[..HEADER_CRC_LEN])
     }
 
     /// Whether `header_crc` matches.
+    #[inline]
     pub fn header_crc_ok(&self) -> bool {
         self.header_crc() == self.compute_header_crc()
     }

@@ -15,6 +15,24 @@
 //! | 24  | 4    | `seq`         | per-channel record sequence number, from 0                     |
 //! | 28  | 4    | `header_crc`  | CRC32 of bytes 0..28                                           |
 //!
+//! Record kinds (the `kind` byte):
+//!
+//! | byte | record | `id` | `count` | `first` | payload |
+//! |------|--------|------|---------|---------|---------|
+//! | 0x01 | page run ([`Repr::PageRun`]; flag 0x01 requested) | region | pages | first page | `count * page_size` bytes |
+//! | 0x02 | zero run | region | pages | first page | none |
+//! | 0x03 | section data (flag 0x01 last chunk) | section | 0 | byte offset | the chunk |
+//! | 0x04 | postcopy-only section chunk (flag 0x01 last) | section | 0 | byte offset | the chunk |
+//! | 0x05 | discard | region | pages | first page | none |
+//! | 0x06..0x09 | stop-and-copy, postcopy listen, postcopy run, go | 0 | 0 | 0 | none |
+//! | 0x0a | end of stream | 0 | 0 | 0 | none |
+//! | 0x20 | hello (handshake, see [`Hello`]) | 0 | regions | 0 | version, capabilities, layout |
+//! | 0x81 | page request (return path) | region | pages | first page | none |
+//! | 0x82 | resend request (return path) | region | pages | first page | none |
+//! | 0x83 | ready (return path) | 0 | 0 | 0 | none |
+//! | 0x84 | error (return path) | [`ErrorCode`] | 0 | detail | none |
+//! | 0x85 | hello accepted (return path) | 0 | 0 | 0 | none |
+//!
 //! The module follows smoltcp's `wire` style:
 //!
 //! - [`Header`] is a view over a byte buffer with one accessor per field. Its accessors
