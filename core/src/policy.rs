@@ -225,7 +225,11 @@ mod tests {
     /// drops to the floor stops at once, with far less than the threshold.
     #[test]
     fn idle_guest_stops_at_the_floor_not_at_the_threshold() {
-        let rounds = [Pending::new(1_000_000, 0, 0), Pending::new(800, 0, 0), Pending::new(4, 0, 0)];
+        let rounds = [
+            Pending::new(1_000_000, 0, 0),
+            Pending::new(800, 0, 0),
+            Pending::new(4, 0, 0),
+        ];
         assert_eq!(
             run(inputs(Pending::ZERO), &rounds),
             Some((2, Ok(Decision::Complete)))
@@ -259,7 +263,10 @@ mod tests {
         base.start_postcopy = true;
         assert_eq!(decide(&base), Ok(Decision::Iterate));
         base.pending.precopy_only = T;
-        assert_eq!(decide(&base), Ok(Decision::Switchover { ram_postcopy: true }));
+        assert_eq!(
+            decide(&base),
+            Ok(Decision::Switchover { ram_postcopy: true })
+        );
         base.can_switchover = false;
         assert_eq!(decide(&base), Ok(Decision::Iterate));
     }
@@ -280,7 +287,12 @@ mod tests {
         ];
         assert_eq!(
             run(base, &rounds),
-            Some((3, Ok(Decision::Switchover { ram_postcopy: false })))
+            Some((
+                3,
+                Ok(Decision::Switchover {
+                    ram_postcopy: false
+                })
+            ))
         );
         // Without the capability the same migration never completes: the
         // classic rule counts the bitmap against the threshold.
@@ -443,7 +455,10 @@ mod tests {
 
         let rule2 = total <= i.threshold && no_pay_total;
         let rule3 = i.start_postcopy && i.caps.postcopy_ram && p.precopy_only <= i.threshold;
-        let rule4 = i.caps.postcopy_only_sections && ram <= i.threshold && total > i.threshold && no_pay_ram;
+        let rule4 = i.caps.postcopy_only_sections
+            && ram <= i.threshold
+            && total > i.threshold
+            && no_pay_ram;
 
         match d {
             Decision::Complete => {
@@ -463,14 +478,20 @@ mod tests {
                 assert!(p.postcopy_only > 0 && ram <= i.threshold, "{ctx:?}");
             }
             Decision::Iterate => {
-                assert!(!rule2 && !rule3 && !rule4, "iterated when a rule held: {ctx:?}");
+                assert!(
+                    !rule2 && !rule3 && !rule4,
+                    "iterated when a rule held: {ctx:?}"
+                );
             }
         }
 
         // Classic behaviour without the postcopy-only capability and without
         // an operator start: only iterate or complete.
         if !i.caps.postcopy_only_sections && !i.start_postcopy {
-            assert!(matches!(d, Decision::Iterate | Decision::Complete), "{ctx:?}");
+            assert!(
+                matches!(d, Decision::Iterate | Decision::Complete),
+                "{ctx:?}"
+            );
         }
     }
 }

@@ -132,7 +132,8 @@ impl<const N: usize> RateEstimator<N> {
 
     /// Time covered by the samples still held, in nanoseconds.
     pub fn observed_ns(&self) -> u64 {
-        self.newest().fold(0u64, |t, s| t.saturating_add(s.duration_ns))
+        self.newest()
+            .fold(0u64, |t, s| t.saturating_add(s.duration_ns))
     }
 
     /// True once the samples held cover at least the window.
@@ -197,7 +198,13 @@ mod tests {
 
     /// Feeds `count` back-to-back samples of `ms` milliseconds at `rate`
     /// bytes/s, starting at `*now`.
-    fn feed<const N: usize>(e: &mut RateEstimator<N>, now: &mut u64, count: u32, ms: u64, rate: u64) {
+    fn feed<const N: usize>(
+        e: &mut RateEstimator<N>,
+        now: &mut u64,
+        count: u32,
+        ms: u64,
+        rate: u64,
+    ) {
         for _ in 0..count {
             let bytes = rate / 1000 * ms;
             e.record(bytes, *now, *now + ms * MS).unwrap();

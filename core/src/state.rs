@@ -175,7 +175,14 @@ mod tests {
     #[test]
     fn postcopy_path_with_pause_and_recovery() {
         let mut m = StateMachine::new();
-        for s in [Active, StopAndCopy, PostcopyActive, PostcopyPaused, PostcopyActive, Completed] {
+        for s in [
+            Active,
+            StopAndCopy,
+            PostcopyActive,
+            PostcopyPaused,
+            PostcopyActive,
+            Completed,
+        ] {
             assert!(m.move_to(s).is_ok(), "to {s}");
         }
     }
@@ -204,7 +211,11 @@ mod tests {
 
     #[test]
     fn terminal_states_have_no_way_out() {
-        for from in MigrationState::ALL.iter().copied().filter(|s| s.is_terminal()) {
+        for from in MigrationState::ALL
+            .iter()
+            .copied()
+            .filter(|s| s.is_terminal())
+        {
             for to in MigrationState::ALL {
                 assert!(!from.can_move_to(to), "{from} -> {to}");
             }

@@ -10,20 +10,54 @@
 //! remembered and asked for again; a later intact copy clears it. *Ready* is
 //! sent only when every channel reached its end record, every torn page was
 //! replaced, and the device state arrived.
+//!
+//! # Postcopy
+//!
+//! With postcopy-ram negotiated, channels are built without guest memory:
+//! payloads land in buffers and [`PageInstaller`] puts them in place (a copy
+//! before switchover, `UFFDIO_COPY` after), keeping a received-pages bitmap.
+//! On memfd-backed RAM ([`receive_in_place`]) they are received straight
+//! into a second mapping and mapped with `UFFDIO_CONTINUE` after switchover.
+//! The records of a postcopy migration, in order:
+//!
+//! - bulk channels: page runs; at switchover `Discard` runs for pages that
+//!   changed after they were sent, then a `PostcopyListen` marker; after *go*
+//!   the background stream of the remaining pages; `End`.
+//! - control channel (RAM in postcopy): `PostcopyListen`, device sections,
+//!   `End`; the destination waits for every bulk marker, arms userfaultfd
+//!   (zapping every page not received intact) and answers *ready*; then `Go`
+//!   (the guest starts), `PostcopyRun`, postcopy-only sections, `End`.
+//! - control channel (only postcopy-only sections follow): `StopAndCopy`,
+//!   device sections, `PostcopyListen`, `End`, *ready*, `Go`, `PostcopyRun`,
+//!   postcopy-only sections, `End`.
+//! - the urgent connection (opened last, postcopy-ram only): page requests
+//!   from the destination, requested page runs from the source.
+//!
+//! Postcopy ends with a second *ready* on the return path: the destination's
+//! acknowledgement that every page and section arrived. Until then the source
+//! keeps its whole state. If the connection is lost in postcopy, the guest's
+//! faults on missing pages stay pending (the userfaultfd is kept open in
+//! [`PostcopyHold`]) and nothing is written wrongly.
+
+// `Negotiated` and `Hello` are `Copy` in current ferry-core; the clones
+// below stay correct whether or not they are.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ferry_core::wire::{
     self, Capabilities, ErrorCode, Hello, Negotiated, Repr, ReturnRepr, MAX_RUN_PAGES,
     MAX_SECTION_CHUNK,
 };
-use ferry_uring::{AnyChannel, Channel, Transport};
+use ferry_uring::{AnyChannel, Channel, Decoder, Placement, Transport};
 
-use crate::link::{self, LinkError, Listener, ReturnWriter, WireDecoder};
+use crate::link::{self, LinkError, Listener, ReturnWriter, WireDecodeError, WireDecoder};
 use crate::migration::{monotonic_ns, DestinationReport, DeviceSection, GuestStarter};
-use crate::ram::Ram;
+use crate::postcopy::{Claim, FaultService, PageInstaller, PostcopyError, RequestSink, Uffd, Via};
+use crate::ram::{Ram, PAGE_SIZE};
 
 /// Why a migration failed on the destination.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +68,50 @@ pub struct DestinationError {
     /// Whether *go* arrived before the failure, which tells the operator
     /// which side may run the guest.
     pub go_received: bool,
+    /// When postcopy was interrupted: the state recovery needs.
+    pub postcopy_hold: Option<Box<PostcopyHold>>,
+}
+
+/// What an interrupted postcopy leaves on the destination: the guest runs
+/// here, some pages are missing, and its faults on them wait on this
+/// userfaultfd. Dropping the hold closes the userfaultfd, which lets those
+/// threads go on with zero pages: kill the guest first.
+#[derive(Debug)]
+pub struct PostcopyHold {
+    /// The userfaultfd registered over guest RAM.
+    pub uffd: Arc<Uffd>,
+    /// Pages not received.
+    pub missing_pages: u64,
+    /// The missing pages, as (region, first page, count) runs.
+    pub missing_runs: Vec<(u16, u64, u32)>,
+}
+
+/// How the destination receives.
+#[derive(Clone, Copy, Debug)]
+pub struct DestinationConfig {
+    /// The transport.
+    pub transport: Transport,
+    /// Offer the postcopy-ram capability. Guest RAM must then be anonymous
+    /// private memory that was not prefaulted (pages not received are zapped
+    /// at switchover and fetched on fault).
+    pub postcopy_ram: bool,
+    /// Offer the postcopy-only-sections capability.
+    pub postcopy_only_sections: bool,
+    /// How long postcopy may wait for its last pages after the source's end
+    /// of stream.
+    pub complete_timeout: Duration,
+}
+
+impl DestinationConfig {
+    /// Precopy only, over `transport`.
+    pub fn new(transport: Transport) -> DestinationConfig {
+        DestinationConfig {
+            transport,
+            postcopy_ram: false,
+            postcopy_only_sections: false,
+            complete_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 /// What went wrong on the destination.
@@ -87,16 +165,34 @@ pub enum DestinationErrorKind {
     /// A receiver thread died.
     #[error("a receiver thread failed: {0}")]
     Thread(String),
+    /// Serving postcopy faults failed.
+    #[error("postcopy failed: {0}")]
+    Postcopy(#[from] PostcopyError),
+    /// The connection was lost while the guest ran here in postcopy.
+    #[error("the connection to the source was lost during postcopy ({why}): {missing} pages never arrived; the guest's vCPUs that touch them wait on their faults and nothing was written wrongly; the source holds every page")]
+    PostcopyLost {
+        /// What failed.
+        why: String,
+        /// Pages missing.
+        missing: u64,
+    },
 }
 
 impl DestinationErrorKind {
     fn code(&self) -> ErrorCode {
         match self {
             DestinationErrorKind::Link(_) => ErrorCode::Handshake,
-            DestinationErrorKind::Transport { .. } | DestinationErrorKind::Truncated(_) => ErrorCode::Io,
-            DestinationErrorKind::Unexpected { .. } | DestinationErrorKind::Section { .. } => ErrorCode::Protocol,
+            DestinationErrorKind::Transport { .. } | DestinationErrorKind::Truncated(_) => {
+                ErrorCode::Io
+            }
+            DestinationErrorKind::Unexpected { .. } | DestinationErrorKind::Section { .. } => {
+                ErrorCode::Protocol
+            }
             DestinationErrorKind::Checksum { .. } => ErrorCode::Checksum,
-            DestinationErrorKind::Start(_) | DestinationErrorKind::Thread(_) => ErrorCode::Internal,
+            DestinationErrorKind::Start(_)
+            | DestinationErrorKind::Thread(_)
+            | DestinationErrorKind::Postcopy(_) => ErrorCode::Internal,
+            DestinationErrorKind::PostcopyLost { .. } => ErrorCode::Io,
         }
     }
 }
@@ -140,7 +236,11 @@ impl Torn {
         let mut runs: Vec<(u16, u64, u32)> = Vec::new();
         for &(r, pg) in p.iter() {
             match runs.last_mut() {
-                Some((lr, lf, lc)) if *lr == r && *lf + u64::from(*lc) == pg && *lc < MAX_RUN_PAGES => *lc += 1,
+                Some((lr, lf, lc))
+                    if *lr == r && *lf + u64::from(*lc) == pg && *lc < MAX_RUN_PAGES =>
+                {
+                    *lc += 1
+                }
                 _ => runs.push((r, pg, 1)),
             }
         }
@@ -167,13 +267,20 @@ fn apply_page_record(
     strict: bool,
 ) -> Result<(), DestinationErrorKind> {
     match rec.repr {
-        Repr::PageRun { region, first, count, .. } => {
+        Repr::PageRun {
+            region,
+            first,
+            count,
+            ..
+        } => {
             stats.pages += u64::from(count);
             if neg.caps.payload_checksums {
-                let r = ram.region(region).ok_or_else(|| DestinationErrorKind::Unexpected {
-                    channel: "bulk".into(),
-                    record: format!("page run of unknown region {region}"),
-                })?;
+                let r = ram
+                    .region(region)
+                    .ok_or_else(|| DestinationErrorKind::Unexpected {
+                        channel: "bulk".into(),
+                        record: format!("page run of unknown region {region}"),
+                    })?;
                 // SAFETY: the transport finished writing these pages; nothing
                 // else writes them while this slice lives (a page lives on one
                 // channel only, and the guest is not running).
@@ -185,24 +292,38 @@ fn apply_page_record(
                 })?;
                 if wire::payload_crc(bytes) != rec.payload_crc {
                     if strict {
-                        return Err(DestinationErrorKind::Checksum { region, first, count });
+                        return Err(DestinationErrorKind::Checksum {
+                            region,
+                            first,
+                            count,
+                        });
                     }
                     stats.torn += u64::from(count);
                     torn.add(region, first, count);
                     // A failed send only loses a hint: the page is dirty on the
                     // source and comes again; the end-of-stream check asks again.
-                    let _ = ret.send(&ReturnRepr::Resend { region, first, count });
+                    let _ = ret.send(&ReturnRepr::Resend {
+                        region,
+                        first,
+                        count,
+                    });
                     return Ok(());
                 }
             }
             torn.heal(region, first, count);
             Ok(())
         }
-        Repr::ZeroRun { region, first, count } => {
-            let r = ram.region(region).ok_or_else(|| DestinationErrorKind::Unexpected {
-                channel: "bulk".into(),
-                record: format!("zero run of unknown region {region}"),
-            })?;
+        Repr::ZeroRun {
+            region,
+            first,
+            count,
+        } => {
+            let r = ram
+                .region(region)
+                .ok_or_else(|| DestinationErrorKind::Unexpected {
+                    channel: "bulk".into(),
+                    record: format!("zero run of unknown region {region}"),
+                })?;
             if !r.zero_pages(first, u64::from(count)) {
                 return Err(DestinationErrorKind::Unexpected {
                     channel: "bulk".into(),
@@ -217,6 +338,238 @@ fn apply_page_record(
     }
 }
 
+/// Largest page-run payload.
+const MAX_RUN_BYTES: usize = MAX_RUN_PAGES as usize * PAGE_SIZE as usize;
+
+/// The destination's decoder: the wire decoder, plus — when pages are
+/// received in place through a second mapping after switchover — the claim
+/// of each page run, so that a page is written by one receiver only and a
+/// late copy never overwrites what the guest wrote since.
+struct RecvDecoder<'i> {
+    inner: WireDecoder,
+    /// Set in in-place mode.
+    inst: Option<&'i PageInstaller>,
+    /// The pages this receiver claimed, when it could not claim the whole
+    /// run (the payload then goes to the buffer).
+    partial: Option<Vec<u64>>,
+    buffer_len: u64,
+}
+
+impl<'i> RecvDecoder<'i> {
+    fn new(
+        inner: WireDecoder,
+        inst: Option<&'i PageInstaller>,
+        buffer_len: usize,
+    ) -> RecvDecoder<'i> {
+        RecvDecoder {
+            inner,
+            inst: inst.filter(|i| i.in_place()),
+            partial: None,
+            buffer_len: buffer_len as u64,
+        }
+    }
+
+    fn last(&self) -> Option<wire::Record> {
+        self.inner.last()
+    }
+}
+
+impl Decoder for RecvDecoder<'_> {
+    type Error = WireDecodeError;
+
+    fn place(&mut self, header: &[u8; wire::HEADER_LEN]) -> Result<Placement, WireDecodeError> {
+        self.partial = None;
+        let p = self.inner.place(header)?;
+        let (Some(inst), Placement::Guest { len, .. }, Some(rec)) =
+            (self.inst, p, self.inner.last())
+        else {
+            return Ok(p);
+        };
+        let Repr::PageRun {
+            region,
+            first,
+            count,
+            ..
+        } = rec.repr
+        else {
+            return Ok(p);
+        };
+        match inst.claim(region, first, u64::from(count)) {
+            Ok(Claim::All) => Ok(p),
+            Ok(Claim::Some(pages)) => {
+                if len > self.buffer_len {
+                    return Err(WireDecodeError::TooLarge {
+                        len,
+                        buffer: self.buffer_len,
+                    });
+                }
+                self.partial = Some(pages);
+                Ok(Placement::Buffer { len })
+            }
+            Err(e) => Err(WireDecodeError::Refused(e.to_string())),
+        }
+    }
+}
+
+/// Checks a page run received in place (or, for a partly claimed run, into
+/// `buf`) and installs it.
+#[allow(clippy::too_many_arguments)]
+fn install_placed(
+    inst: &PageInstaller,
+    neg: &Negotiated,
+    rec: &wire::Record,
+    partial: Option<Vec<u64>>,
+    buf: &[u8],
+    torn: &Torn,
+    ret: Option<&ReturnWriter>,
+    stats: &mut RecvStats,
+    via: Via,
+    strict: bool,
+) -> Result<(), DestinationErrorKind> {
+    let Repr::PageRun {
+        region,
+        first,
+        count,
+        ..
+    } = rec.repr
+    else {
+        return Err(DestinationErrorKind::Unexpected {
+            channel: "bulk".into(),
+            record: format!("{:?} where a page run was expected", rec.repr),
+        });
+    };
+    let n = u64::from(count);
+    let len = (n * PAGE_SIZE) as usize;
+    stats.pages += n;
+    let bytes: &[u8] = match &partial {
+        Some(_) => buf.get(..len).unwrap_or(&[]),
+        None => {
+            // SAFETY: the transport finished writing these pages, which this
+            // receiver claimed; a concurrent write would carry the same bytes.
+            let p = unsafe { inst.in_place_ptr(region, first, n) }?;
+            // SAFETY: `n` pages inside the second mapping.
+            unsafe { std::slice::from_raw_parts(p, len) }
+        }
+    };
+    if neg.caps.payload_checksums && wire::payload_crc(bytes) != rec.payload_crc {
+        let Some(ret) = ret.filter(|_| !strict && !inst.is_armed()) else {
+            return Err(DestinationErrorKind::Checksum {
+                region,
+                first,
+                count,
+            });
+        };
+        stats.torn += n;
+        inst.discard(region, first, n)?;
+        torn.add(region, first, count);
+        let _ = ret.send(&ReturnRepr::Resend {
+            region,
+            first,
+            count,
+        });
+        return Ok(());
+    }
+    match partial {
+        None => inst.install_in_place(region, first, n, via)?,
+        Some(pages) => {
+            for p in pages {
+                let off = ((p - first) * PAGE_SIZE) as usize;
+                let page = bytes.get(off..off + PAGE_SIZE as usize).unwrap_or(&[]);
+                // SAFETY: this receiver claimed page `p`.
+                let at = unsafe { inst.in_place_ptr(region, p, 1) }?;
+                // SAFETY: one page inside the second mapping, from the buffer.
+                unsafe { std::ptr::copy_nonoverlapping(page.as_ptr(), at, page.len()) };
+                inst.install_in_place(region, p, 1, via)?;
+            }
+        }
+    }
+    torn.heal(region, first, count);
+    Ok(())
+}
+
+/// What a bulk receiver tells the control thread.
+enum BulkNote {
+    /// Channel `i` reached its switchover marker.
+    Marker,
+    /// A receiver failed (its error comes with its join).
+    Failed,
+}
+
+/// Checks a buffered page run and installs it (postcopy-capable receive).
+#[allow(clippy::too_many_arguments)]
+fn install_buffered(
+    inst: &PageInstaller,
+    neg: &Negotiated,
+    rec: &wire::Record,
+    bytes: &[u8],
+    torn: &Torn,
+    ret: &ReturnWriter,
+    stats: &mut RecvStats,
+    via: Via,
+    strict: bool,
+) -> Result<(), DestinationErrorKind> {
+    match rec.repr {
+        Repr::PageRun {
+            region,
+            first,
+            count,
+            ..
+        } => {
+            stats.pages += u64::from(count);
+            if neg.caps.payload_checksums && wire::payload_crc(bytes) != rec.payload_crc {
+                if strict || inst.is_armed() {
+                    return Err(DestinationErrorKind::Checksum {
+                        region,
+                        first,
+                        count,
+                    });
+                }
+                stats.torn += u64::from(count);
+                // Not intact: the page counts as not received (it is zapped
+                // at switchover if nothing better arrives).
+                inst.discard(region, first, u64::from(count))?;
+                torn.add(region, first, count);
+                let _ = ret.send(&ReturnRepr::Resend {
+                    region,
+                    first,
+                    count,
+                });
+                return Ok(());
+            }
+            inst.install(region, first, bytes, via)?;
+            torn.heal(region, first, count);
+            Ok(())
+        }
+        Repr::ZeroRun {
+            region,
+            first,
+            count,
+        } => {
+            inst.install_zero(region, first, u64::from(count))?;
+            stats.zero_pages += u64::from(count);
+            torn.heal(region, first, count);
+            Ok(())
+        }
+        Repr::Discard {
+            region,
+            first,
+            count,
+        } => {
+            if inst.is_armed() {
+                return Err(DestinationErrorKind::Unexpected {
+                    channel: "bulk".into(),
+                    record: format!("discard of pages {first}+{count} after switchover"),
+                });
+            }
+            inst.discard(region, first, u64::from(count))?;
+            torn.heal(region, first, count);
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn bulk_thread(
     index: usize,
     mut chan: AnyChannel,
@@ -224,28 +577,81 @@ fn bulk_thread(
     neg: &Negotiated,
     torn: &Torn,
     ret: &ReturnWriter,
+    inst: Option<&PageInstaller>,
+    notes: &mpsc::Sender<BulkNote>,
 ) -> Result<RecvStats, DestinationErrorKind> {
     let name = format!("bulk {index}");
-    let mut dec = WireDecoder::new(neg.clone(), 0);
     let mut stats = RecvStats::default();
-    let mut buf = [0u8; 0];
+    let (mut dec, mut buf) = match inst {
+        Some(i) if i.in_place() => (
+            RecvDecoder::new(WireDecoder::new(*neg, MAX_RUN_BYTES), inst, MAX_RUN_BYTES),
+            vec![0u8; MAX_RUN_BYTES],
+        ),
+        Some(_) => (
+            RecvDecoder::new(WireDecoder::buffered(*neg, MAX_RUN_BYTES), None, 0),
+            vec![0u8; MAX_RUN_BYTES],
+        ),
+        None => (
+            RecvDecoder::new(WireDecoder::new(*neg, 0), None, 0),
+            Vec::new(),
+        ),
+    };
     loop {
-        let got = chan
-            .recv(&mut dec, &mut buf)
-            .map_err(|source| DestinationErrorKind::Transport { channel: name.clone(), source })?;
+        let got =
+            chan.recv(&mut dec, &mut buf)
+                .map_err(|source| DestinationErrorKind::Transport {
+                    channel: name.clone(),
+                    source,
+                })?;
         let Some(got) = got else {
             return Err(DestinationErrorKind::Truncated(name));
         };
-        stats.bytes += got.placement.len() + wire::HEADER_LEN as u64;
+        let len = got.placement.len();
+        stats.bytes += len + wire::HEADER_LEN as u64;
         let Some(rec) = dec.last() else {
-            return Err(DestinationErrorKind::Thread("the decoder lost its record".into()));
+            return Err(DestinationErrorKind::Thread(
+                "the decoder lost its record".into(),
+            ));
         };
-        match rec.repr {
-            Repr::PageRun { .. } | Repr::ZeroRun { .. } => {
+        match (rec.repr, inst) {
+            (Repr::PageRun { .. }, Some(inst)) if inst.in_place() => {
+                let partial = dec.partial.take();
+                install_placed(
+                    inst,
+                    neg,
+                    &rec,
+                    partial,
+                    &buf,
+                    torn,
+                    Some(ret),
+                    &mut stats,
+                    Via::Stream,
+                    false,
+                )?
+            }
+            (Repr::PageRun { .. } | Repr::ZeroRun { .. } | Repr::Discard { .. }, Some(inst)) => {
+                let bytes = buf.get(..len as usize).unwrap_or(&[]);
+                install_buffered(
+                    inst,
+                    neg,
+                    &rec,
+                    bytes,
+                    torn,
+                    ret,
+                    &mut stats,
+                    Via::Stream,
+                    false,
+                )?
+            }
+            (Repr::PageRun { .. } | Repr::ZeroRun { .. }, None) => {
                 apply_page_record(ram, neg, &rec, torn, ret, &mut stats, false)?
             }
-            Repr::End => return Ok(stats),
-            other => {
+            (Repr::PostcopyListen, Some(inst)) if !inst.is_armed() => {
+                let _ = notes.send(BulkNote::Marker);
+                inst.wait_armed()?;
+            }
+            (Repr::End, _) => return Ok(stats),
+            (other, _) => {
                 return Err(DestinationErrorKind::Unexpected {
                     channel: name,
                     record: format!("{other:?}"),
@@ -255,35 +661,259 @@ fn bulk_thread(
     }
 }
 
+/// Page requests go out on the urgent connection.
+struct UrgentRequests(ReturnWriter);
+
+impl RequestSink for UrgentRequests {
+    fn request(&mut self, region: u16, first: u64, count: u32) -> std::io::Result<()> {
+        self.0.send(&ReturnRepr::PageRequest {
+            region,
+            first,
+            count,
+        })
+    }
+}
+
+/// Receives the replies to page requests on the urgent connection and
+/// installs them. Ends at the end of the connection: cleanly when every page
+/// arrived (or `finished` says the migration completed).
+fn urgent_thread(
+    mut conn: link::Conn,
+    neg: &Negotiated,
+    inst: &PageInstaller,
+    finished: &AtomicBool,
+) -> Result<RecvStats, DestinationErrorKind> {
+    use std::io::Read;
+    crate::postcopy::prioritise_urgent_thread();
+    let mut dec = if inst.in_place() {
+        RecvDecoder::new(
+            WireDecoder::new(*neg, MAX_RUN_BYTES),
+            Some(inst),
+            MAX_RUN_BYTES,
+        )
+    } else {
+        RecvDecoder::new(WireDecoder::buffered(*neg, MAX_RUN_BYTES), None, 0)
+    };
+    let mut buf = vec![0u8; MAX_RUN_BYTES];
+    let mut stats = RecvStats::default();
+    let no_torn = Torn::default();
+    let lost = |why: String, inst: &PageInstaller| {
+        if finished.load(Ordering::Acquire) {
+            None
+        } else {
+            Some(DestinationErrorKind::PostcopyLost {
+                why,
+                missing: inst.missing(),
+            })
+        }
+    };
+    loop {
+        let mut hdr = [0u8; wire::HEADER_LEN];
+        let mut got = 0;
+        while got < hdr.len() {
+            match conn.read(&mut hdr[got..]) {
+                Ok(0) if got == 0 && inst.missing() == 0 => return Ok(stats),
+                Ok(0) => {
+                    return match lost("the source closed the urgent channel".into(), inst) {
+                        Some(e) => Err(e),
+                        None => Ok(stats),
+                    }
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return match lost(format!("the urgent channel failed: {e}"), inst) {
+                        Some(e) => Err(e),
+                        None => Ok(stats),
+                    }
+                }
+            }
+        }
+        let placement = dec
+            .place(&hdr)
+            .map_err(|e| DestinationErrorKind::Unexpected {
+                channel: "urgent".into(),
+                record: e.to_string(),
+            })?;
+        let rec = dec
+            .last()
+            .ok_or_else(|| DestinationErrorKind::Thread("the decoder lost its record".into()))?;
+        let Repr::PageRun {
+            region,
+            first,
+            count,
+            ..
+        } = rec.repr
+        else {
+            return Err(DestinationErrorKind::Unexpected {
+                channel: "urgent".into(),
+                record: format!("{:?}", rec.repr),
+            });
+        };
+        let len = placement.len() as usize;
+        let read = match placement {
+            Placement::Guest { .. } => {
+                // SAFETY: the decoder claimed these pages for this receiver.
+                let p = unsafe { inst.in_place_ptr(region, first, u64::from(count)) }?;
+                // SAFETY: `len` bytes of the claimed pages in the second mapping.
+                conn.read_exact(unsafe { std::slice::from_raw_parts_mut(p, len) })
+            }
+            _ => match buf.get_mut(..len) {
+                Some(b) => conn.read_exact(b),
+                None => Err(std::io::Error::other(
+                    "a reply larger than the receive buffer",
+                )),
+            },
+        };
+        if let Err(e) = read {
+            return match lost(format!("the urgent channel failed: {e}"), inst) {
+                Some(e) => Err(e),
+                None => Ok(stats),
+            };
+        }
+        stats.bytes += (len + wire::HEADER_LEN) as u64;
+        if inst.in_place() {
+            let partial = dec.partial.take();
+            install_placed(
+                inst,
+                neg,
+                &rec,
+                partial,
+                &buf,
+                &no_torn,
+                None,
+                &mut stats,
+                Via::Request,
+                true,
+            )?;
+        } else {
+            let bytes = buf.get(..len).unwrap_or(&[]);
+            if neg.caps.payload_checksums && wire::payload_crc(bytes) != rec.payload_crc {
+                return Err(DestinationErrorKind::Checksum {
+                    region,
+                    first,
+                    count,
+                });
+            }
+            inst.install(region, first, bytes, Via::Request)?;
+            stats.pages += u64::from(count);
+        }
+    }
+}
+
 /// Receives a migration on `listener` into `ram`, and starts the guest
-/// through `starter` on *go*.
+/// through `starter` on *go*. Precopy only; see [`receive_with`].
 pub fn receive<S: GuestStarter>(
     listener: &Listener,
     ram: &Ram<'_>,
     starter: &mut S,
     transport: Transport,
 ) -> Result<DestinationReport, DestinationError> {
-    let mut go_received = false;
-    let mut ret_holder: Option<ReturnWriter> = None;
-    let r = receive_inner(listener, ram, starter, transport, &mut go_received, &mut ret_holder);
-    r.map_err(|kind| {
-        if let Some(ret) = ret_holder {
-            if !go_received {
-                let _ = ret.send(&ReturnRepr::Error { code: kind.code(), detail: 0 });
-            }
-        }
-        DestinationError { kind, go_received }
-    })
+    receive_with(listener, ram, starter, &DestinationConfig::new(transport))
 }
 
-fn receive_inner<S: GuestStarter>(
+/// Receives a migration on `listener` into `ram` as `config` says, starts the
+/// guest through `starter` on *go*, and serves postcopy until every page and
+/// section arrived.
+pub fn receive_with<S: GuestStarter>(
     listener: &Listener,
     ram: &Ram<'_>,
     starter: &mut S,
-    transport: Transport,
+    config: &DestinationConfig,
+) -> Result<DestinationReport, DestinationError> {
+    receive_any(listener, ram, None, starter, config)
+}
+
+/// As [`receive_with`], for memfd-backed guest RAM: `second` is a second
+/// mapping of the same memfds (same regions and sizes, e.g. from
+/// [`crate::memory::GuestRegion::map_second`]). With postcopy-ram, the
+/// transport receives pages straight into `second` (no copy in user space,
+/// and registering it with io_uring is safe: the memfd's pages stay put),
+/// and after switchover `UFFDIO_CONTINUE` maps them into the guest.
+pub fn receive_in_place<S: GuestStarter>(
+    listener: &Listener,
+    ram: &Ram<'_>,
+    second: &Ram<'_>,
+    starter: &mut S,
+    config: &DestinationConfig,
+) -> Result<DestinationReport, DestinationError> {
+    receive_any(listener, ram, Some(second), starter, config)
+}
+
+fn receive_any<S: GuestStarter>(
+    listener: &Listener,
+    ram: &Ram<'_>,
+    second: Option<&Ram<'_>>,
+    starter: &mut S,
+    config: &DestinationConfig,
+) -> Result<DestinationReport, DestinationError> {
+    let mut go_received = false;
+    let mut ret_holder: Option<ReturnWriter> = None;
+    let mut inst_holder: Option<Arc<PageInstaller>> = None;
+    let r = receive_inner(
+        listener,
+        ram,
+        second,
+        starter,
+        config,
+        &mut go_received,
+        &mut ret_holder,
+        &mut inst_holder,
+    );
+    r.map_err(|mut kind| {
+        if let Some(ret) = ret_holder {
+            let _ = ret.send(&ReturnRepr::Error {
+                code: kind.code(),
+                detail: 0,
+            });
+        }
+        let mut postcopy_hold = None;
+        if let Some(inst) = inst_holder {
+            if go_received {
+                if let Some(uffd) = inst.take_uffd() {
+                    let missing = inst.missing();
+                    if !matches!(kind, DestinationErrorKind::PostcopyLost { .. }) {
+                        kind = DestinationErrorKind::PostcopyLost {
+                            why: kind.to_string(),
+                            missing,
+                        };
+                    }
+                    postcopy_hold = Some(Box::new(PostcopyHold {
+                        uffd,
+                        missing_pages: missing,
+                        missing_runs: inst.missing_runs(MAX_RUN_PAGES),
+                    }));
+                }
+            }
+        }
+        DestinationError {
+            kind,
+            go_received,
+            postcopy_hold,
+        }
+    })
+}
+
+/// Which postcopy follows *go*.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Precopy,
+    Ram,
+    Sections,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn receive_inner<S: GuestStarter>(
+    listener: &Listener,
+    ram: &Ram<'_>,
+    second: Option<&Ram<'_>>,
+    starter: &mut S,
+    config: &DestinationConfig,
     go_received: &mut bool,
     ret_holder: &mut Option<ReturnWriter>,
+    inst_holder: &mut Option<Arc<PageInstaller>>,
 ) -> Result<DestinationReport, DestinationErrorKind> {
+    let transport = config.transport;
     let probe = ferry_uring::probe();
     let mut ctl_conn = listener.accept()?;
     let ret = ReturnWriter::new(ctl_conn.try_clone().map_err(|source| LinkError::Io {
@@ -296,8 +926,8 @@ fn receive_inner<S: GuestStarter>(
     })?;
     let ours = Hello::new(
         Capabilities {
-            postcopy_ram: false,
-            postcopy_only_sections: false,
+            postcopy_ram: config.postcopy_ram,
+            postcopy_only_sections: config.postcopy_only_sections,
             payload_checksums: true,
             channels: 0,
         },
@@ -305,7 +935,16 @@ fn receive_inner<S: GuestStarter>(
     );
     let neg = link::destination_handshake(&mut ctl_conn, &ours, &ret)?;
     *ret_holder = Some(ret.clone());
-    let regions = ram.mem_regions();
+    let postcopy_ram = neg.caps.postcopy_ram;
+    // With postcopy into anonymous memory, nothing is received into
+    // registered guest memory (a pinned page would not be the one mapped
+    // after a zap); into memfd memory, pages land in the second mapping.
+    let second = second.filter(|_| postcopy_ram);
+    let regions = match (postcopy_ram, second) {
+        (false, _) => ram.mem_regions(),
+        (true, Some(second)) => second.mem_regions(),
+        (true, None) => Vec::new(),
+    };
     let ctl_chan = AnyChannel::new(
         ctl_conn.try_clone().map_err(|source| LinkError::Io {
             what: "duplicating the control socket",
@@ -315,140 +954,452 @@ fn receive_inner<S: GuestStarter>(
         transport,
         &probe,
     )
-    .map_err(|source| DestinationErrorKind::Transport { channel: "control".into(), source })?;
-    let n_bulk = usize::from(neg.caps.channels.saturating_sub(1)).max(1);
+    .map_err(|source| DestinationErrorKind::Transport {
+        channel: "control".into(),
+        source,
+    })?;
+    let extra = if postcopy_ram { 2 } else { 1 };
+    let n_bulk = usize::from(neg.caps.channels.saturating_sub(extra)).max(1);
     let mut bulk = Vec::with_capacity(n_bulk);
     for i in 0..n_bulk {
         let c = listener.accept()?;
         bulk.push(
-            AnyChannel::new(c, &regions, transport, &probe)
-                .map_err(|source| DestinationErrorKind::Transport { channel: format!("bulk {i}"), source })?,
+            AnyChannel::new(c, &regions, transport, &probe).map_err(|source| {
+                DestinationErrorKind::Transport {
+                    channel: format!("bulk {i}"),
+                    source,
+                }
+            })?,
         );
     }
+    let urgent = if postcopy_ram {
+        Some(listener.accept()?)
+    } else {
+        None
+    };
+    let inst = postcopy_ram.then(|| {
+        Arc::new(match second {
+            Some(second) => PageInstaller::new_in_place(ram, second),
+            None => PageInstaller::new(ram),
+        })
+    });
+    *inst_holder = inst.clone();
+    let inst_shared = inst.clone();
     let torn = Torn::default();
+    let finished = AtomicBool::new(false);
     let mut report = DestinationReport::default();
+    let (notes_tx, notes_rx) = mpsc::channel::<BulkNote>();
 
     std::thread::scope(|scope| {
         let mut handles = Vec::new();
-        let bulk_fds: Vec<i32> = bulk.iter().map(|c| c.stream().fd()).collect();
+        let wake_fds: Vec<i32> = bulk.iter().map(|c| c.stream().fd()).collect();
         for (i, chan) in bulk.into_iter().enumerate() {
-            let (neg, torn, ret) = (&neg, &torn, &ret);
-            handles.push(scope.spawn(move || bulk_thread(i, chan, ram, neg, torn, ret)));
+            let (neg, torn, ret, inst) = (&neg, &torn, &ret, inst.as_deref());
+            let notes = notes_tx.clone();
+            handles.push(scope.spawn(move || {
+                let r = bulk_thread(i, chan, ram, neg, torn, ret, inst, &notes);
+                if r.is_err() {
+                    let _ = notes.send(BulkNote::Failed);
+                }
+                r
+            }));
         }
+        drop(notes_tx);
+        let mut urgent_writer = None;
+        let mut urgent_handle = None;
+        let mut urgent_fd = None;
+        if let (Some(conn), Some(inst)) = (urgent, inst.as_deref()) {
+            match conn.try_clone() {
+                Ok(w) => urgent_writer = Some(ReturnWriter::new(w)),
+                Err(source) => {
+                    return Err(DestinationErrorKind::Link(LinkError::Io {
+                        what: "duplicating the urgent socket",
+                        source,
+                    }))
+                }
+            }
+            urgent_fd = Some(match &conn {
+                link::Conn::Tcp(s) => std::os::fd::AsRawFd::as_raw_fd(s),
+                link::Conn::Unix(s) => std::os::fd::AsRawFd::as_raw_fd(s),
+            });
+            let (neg, finished) = (&neg, &finished);
+            urgent_handle = Some(scope.spawn(move || urgent_thread(conn, neg, inst, finished)));
+        }
+        let mut faults: Option<FaultService> = None;
         let mut handles = Some(handles);
         let result = (|| {
-        let mut ctl = ctl_chan;
-        let mut dec = WireDecoder::new(neg.clone(), MAX_SECTION_CHUNK as usize);
-        let mut buf = vec![0u8; MAX_SECTION_CHUNK as usize];
-        let mut sections: BTreeMap<u16, (Vec<u8>, bool)> = BTreeMap::new();
-        let mut stats = RecvStats::default();
-        let mut ended = false;
-        let mut ready_sent = false;
-        loop {
-            let got = match ctl.recv(&mut dec, &mut buf) {
-                Ok(g) => g,
-                Err(source) => {
-                    ctl_conn.shutdown();
-                    return Err(DestinationErrorKind::Transport { channel: "control".into(), source });
-                }
+            let mut ctl = ctl_chan;
+            let buf_len = (MAX_SECTION_CHUNK as usize).max(MAX_RUN_BYTES);
+            let mut dec = if postcopy_ram {
+                WireDecoder::buffered(neg, buf_len)
+            } else {
+                WireDecoder::new(neg, MAX_SECTION_CHUNK as usize)
             };
-            let Some(got) = got else {
-                ctl_conn.shutdown();
-                return Err(DestinationErrorKind::Truncated("control".into()));
-            };
-            stats.bytes += got.placement.len() + wire::HEADER_LEN as u64;
-            let Some(rec) = dec.last() else {
-                return Err(DestinationErrorKind::Thread("the decoder lost its record".into()));
-            };
-            match rec.repr {
-                Repr::Section { section, offset, len, last } => {
-                    let entry = sections.entry(section).or_insert_with(|| (Vec::new(), false));
-                    if entry.1 || entry.0.len() as u64 != offset {
-                        return Err(DestinationErrorKind::Section { section, offset, expected: entry.0.len() as u64 });
-                    }
-                    entry.0.extend_from_slice(&buf[..len as usize]);
-                    entry.1 = last;
-                    if neg.caps.payload_checksums && wire::payload_crc(&buf[..len as usize]) != rec.payload_crc {
-                        return Err(DestinationErrorKind::Unexpected {
-                            channel: "control".into(),
-                            record: format!("device section {section} with a bad checksum"),
-                        });
-                    }
-                }
-                Repr::StopAndCopy => {}
-                Repr::PageRun { .. } | Repr::ZeroRun { .. } => {
-                    // Resent pages: the source is stopped, so they must be intact.
-                    apply_page_record(ram, &neg, &rec, &torn, &ret, &mut stats, true)?;
-                }
-                Repr::End if !ended => {
-                    ended = true;
-                    if let Some(hs) = handles.take() {
-                        for h in hs {
-                            match h.join() {
-                                Ok(Ok(s)) => {
-                                    stats.bytes += s.bytes;
-                                    stats.pages += s.pages;
-                                    stats.zero_pages += s.zero_pages;
-                                    stats.torn += s.torn;
-                                }
-                                Ok(Err(e)) => return Err(e),
-                                Err(_) => return Err(DestinationErrorKind::Thread("a receiver thread panicked".into())),
+            let mut buf = vec![0u8; buf_len];
+            let mut sections: BTreeMap<u16, (Vec<u8>, bool)> = BTreeMap::new();
+            let mut pc_sections: BTreeMap<u16, (Vec<u8>, bool)> = BTreeMap::new();
+            let mut stats = RecvStats::default();
+            let mut ended = false;
+            let mut ready_sent = false;
+            let mut stop_and_copy = false;
+            let mut listen = false;
+            let mut mode = Mode::Precopy;
+            let mut go_at: Option<Instant> = None;
+            let join_bulk = |handles: &mut Option<
+                Vec<std::thread::ScopedJoinHandle<'_, Result<RecvStats, DestinationErrorKind>>>,
+            >,
+                             stats: &mut RecvStats|
+             -> Result<(), DestinationErrorKind> {
+                if let Some(hs) = handles.take() {
+                    for h in hs {
+                        match h.join() {
+                            Ok(Ok(s)) => {
+                                stats.bytes += s.bytes;
+                                stats.pages += s.pages;
+                                stats.zero_pages += s.zero_pages;
+                                stats.torn += s.torn;
+                            }
+                            Ok(Err(e)) => return Err(e),
+                            Err(_) => {
+                                return Err(DestinationErrorKind::Thread(
+                                    "a receiver thread panicked".into(),
+                                ))
                             }
                         }
                     }
-                    if let Some((id, _)) = sections.iter().find(|(_, (_, last))| !*last) {
-                        return Err(DestinationErrorKind::Unexpected {
-                            channel: "control".into(),
-                            record: format!("end of stream with device section {id} incomplete"),
-                        });
-                    }
-                    for (region, first, count) in torn.runs() {
-                        ret.send(&ReturnRepr::Resend { region, first, count }).map_err(|source| {
-                            LinkError::Io { what: "asking for torn pages again", source }
-                        })?;
-                    }
                 }
-                Repr::Go if ready_sent => {
-                    *go_received = true;
-                    report.go_at_ns = monotonic_ns();
-                    let secs: Vec<DeviceSection> = sections
-                        .iter()
-                        .map(|(id, (bytes, _))| DeviceSection { id: *id, bytes: bytes.clone() })
-                        .collect();
-                    starter.start(&secs).map_err(DestinationErrorKind::Start)?;
-                    report.resumed_at_ns = monotonic_ns();
-                    report.bytes_received = stats.bytes;
-                    report.pages_received = stats.pages;
-                    report.zero_pages = stats.zero_pages;
-                    report.resend_requests = stats.torn;
-                    report.sections = sections.len() as u32;
-                    return Ok(report.clone());
-                }
-                other => {
-                    ctl_conn.shutdown();
-                    return Err(DestinationErrorKind::Unexpected {
-                        channel: "control".into(),
-                        record: format!("{other:?}"),
+                Ok(())
+            };
+            let add_chunk = |map: &mut BTreeMap<u16, (Vec<u8>, bool)>,
+                             section: u16,
+                             offset: u64,
+                             bytes: &[u8],
+                             last: bool,
+                             crc: u32| {
+                let entry = map.entry(section).or_insert_with(|| (Vec::new(), false));
+                if entry.1 || entry.0.len() as u64 != offset {
+                    return Err(DestinationErrorKind::Section {
+                        section,
+                        offset,
+                        expected: entry.0.len() as u64,
                     });
                 }
+                if neg.caps.payload_checksums && wire::payload_crc(bytes) != crc {
+                    return Err(DestinationErrorKind::Unexpected {
+                        channel: "control".into(),
+                        record: format!("section {section} with a bad checksum"),
+                    });
+                }
+                entry.0.extend_from_slice(bytes);
+                entry.1 = last;
+                Ok(())
+            };
+            let incomplete =
+                |map: &BTreeMap<u16, (Vec<u8>, bool)>| -> Result<(), DestinationErrorKind> {
+                    match map.iter().find(|(_, (_, last))| !*last) {
+                        Some((id, _)) => Err(DestinationErrorKind::Unexpected {
+                            channel: "control".into(),
+                            record: format!("end of stream with section {id} incomplete"),
+                        }),
+                        None => Ok(()),
+                    }
+                };
+            let as_sections = |map: &BTreeMap<u16, (Vec<u8>, bool)>| -> Vec<DeviceSection> {
+                map.iter()
+                    .map(|(id, (bytes, _))| DeviceSection {
+                        id: *id,
+                        bytes: bytes.clone(),
+                    })
+                    .collect()
+            };
+            loop {
+                let got = match ctl.recv(&mut dec, &mut buf) {
+                    Ok(g) => g,
+                    Err(source) => {
+                        ctl_conn.shutdown();
+                        return Err(DestinationErrorKind::Transport {
+                            channel: "control".into(),
+                            source,
+                        });
+                    }
+                };
+                let Some(got) = got else {
+                    ctl_conn.shutdown();
+                    return Err(DestinationErrorKind::Truncated("control".into()));
+                };
+                let len = got.placement.len() as usize;
+                stats.bytes += len as u64 + wire::HEADER_LEN as u64;
+                let Some(rec) = dec.last() else {
+                    return Err(DestinationErrorKind::Thread(
+                        "the decoder lost its record".into(),
+                    ));
+                };
+                let payload = buf.get(..len).unwrap_or(&[]);
+                match rec.repr {
+                    Repr::Section {
+                        section,
+                        offset,
+                        last,
+                        ..
+                    } if !ended => {
+                        add_chunk(
+                            &mut sections,
+                            section,
+                            offset,
+                            payload,
+                            last,
+                            rec.payload_crc,
+                        )?;
+                    }
+                    Repr::PostcopySection {
+                        section,
+                        offset,
+                        last,
+                        ..
+                    } if go_at.is_some() => {
+                        add_chunk(
+                            &mut pc_sections,
+                            section,
+                            offset,
+                            payload,
+                            last,
+                            rec.payload_crc,
+                        )?;
+                    }
+                    Repr::StopAndCopy if !ended => stop_and_copy = true,
+                    Repr::PostcopyListen if !ended => listen = true,
+                    Repr::PostcopyRun if go_at.is_some() => {}
+                    Repr::PageRun { .. } | Repr::ZeroRun { .. } if go_at.is_none() => {
+                        // Resent pages: the source is stopped, so they must be intact.
+                        match inst.as_deref() {
+                            Some(inst) => install_buffered(
+                                inst,
+                                &neg,
+                                &rec,
+                                payload,
+                                &torn,
+                                &ret,
+                                &mut stats,
+                                Via::Stream,
+                                true,
+                            )?,
+                            None => {
+                                apply_page_record(ram, &neg, &rec, &torn, &ret, &mut stats, true)?
+                            }
+                        }
+                    }
+                    Repr::End if !ended => {
+                        ended = true;
+                        incomplete(&sections)?;
+                        match (listen, stop_and_copy, inst.as_deref()) {
+                            (true, false, Some(inst)) => {
+                                // Postcopy RAM: every bulk channel must have
+                                // reached its marker, so every discard is in.
+                                for _ in 0..n_bulk {
+                                    match notes_rx.recv() {
+                                        Ok(BulkNote::Marker) => {}
+                                        Ok(BulkNote::Failed) | Err(_) => {
+                                            inst.abort();
+                                            join_bulk(&mut handles, &mut stats)?;
+                                            return Err(DestinationErrorKind::Thread(
+                                                "a receiver stopped before the switchover".into(),
+                                            ));
+                                        }
+                                    }
+                                }
+                                inst.arm(if inst.in_place() {
+                                    Uffd::new_minor()?
+                                } else {
+                                    Uffd::new()?
+                                })?;
+                                let writer = urgent_writer.clone().ok_or_else(|| {
+                                    DestinationErrorKind::Thread("no urgent channel".into())
+                                })?;
+                                faults = Some(FaultService::start(
+                                    inst_arc(&inst_shared)?,
+                                    UrgentRequests(writer),
+                                )?);
+                                // Torn pages are missing now: the source adds them
+                                // to its background stream.
+                                for (region, first, count) in torn.runs() {
+                                    ret.send(&ReturnRepr::Resend {
+                                        region,
+                                        first,
+                                        count,
+                                    })
+                                    .map_err(|source| {
+                                        LinkError::Io {
+                                            what: "asking for torn pages again",
+                                            source,
+                                        }
+                                    })?;
+                                }
+                                mode = Mode::Ram;
+                            }
+                            (true, false, None) => {
+                                return Err(DestinationErrorKind::Unexpected {
+                                    channel: "control".into(),
+                                    record: "postcopy of RAM without the postcopy-ram capability"
+                                        .into(),
+                                })
+                            }
+                            _ => {
+                                join_bulk(&mut handles, &mut stats)?;
+                                for (region, first, count) in torn.runs() {
+                                    ret.send(&ReturnRepr::Resend {
+                                        region,
+                                        first,
+                                        count,
+                                    })
+                                    .map_err(|source| {
+                                        LinkError::Io {
+                                            what: "asking for torn pages again",
+                                            source,
+                                        }
+                                    })?;
+                                }
+                                if listen {
+                                    mode = Mode::Sections;
+                                }
+                            }
+                        }
+                    }
+                    Repr::Go if ready_sent && go_at.is_none() => {
+                        *go_received = true;
+                        report.go_at_ns = monotonic_ns();
+                        go_at = Some(Instant::now());
+                        starter
+                            .start(&as_sections(&sections))
+                            .map_err(DestinationErrorKind::Start)?;
+                        report.resumed_at_ns = monotonic_ns();
+                        report.sections = sections.len() as u32;
+                        if mode == Mode::Precopy {
+                            finished.store(true, Ordering::Release);
+                            report.bytes_received = stats.bytes;
+                            report.pages_received = stats.pages;
+                            report.zero_pages = stats.zero_pages;
+                            report.resend_requests = stats.torn;
+                            return Ok(report.clone());
+                        }
+                    }
+                    Repr::End if go_at.is_some() => {
+                        // The end of postcopy: every page and section must be here.
+                        join_bulk(&mut handles, &mut stats)?;
+                        if let Some(inst) = inst.as_deref().filter(|_| mode == Mode::Ram) {
+                            if let Some(w) = urgent_writer.as_ref() {
+                                for (region, first, count) in inst.missing_runs(MAX_RUN_PAGES) {
+                                    w.send(&ReturnRepr::PageRequest {
+                                        region,
+                                        first,
+                                        count,
+                                    })
+                                    .map_err(|e| {
+                                        DestinationErrorKind::PostcopyLost {
+                                            why: format!("asking for the last pages failed: {e}"),
+                                            missing: inst.missing(),
+                                        }
+                                    })?;
+                                }
+                            }
+                            if !inst.wait_complete(config.complete_timeout) {
+                                return Err(DestinationErrorKind::PostcopyLost {
+                                    why: format!(
+                                        "the last pages did not arrive within {:?}",
+                                        config.complete_timeout
+                                    ),
+                                    missing: inst.missing(),
+                                });
+                            }
+                        }
+                        incomplete(&pc_sections)?;
+                        if let Some(f) = faults.as_mut() {
+                            f.stop().map_err(DestinationErrorKind::Thread)?;
+                        }
+                        let secs = as_sections(&pc_sections);
+                        starter
+                            .postcopy_sections(&secs)
+                            .map_err(DestinationErrorKind::Start)?;
+                        finished.store(true, Ordering::Release);
+                        ret.send(&ReturnRepr::Ready)
+                            .map_err(|source| LinkError::Io {
+                                what: "acknowledging the end of postcopy",
+                                source,
+                            })?;
+                        let mut pc = inst.as_deref().map(|i| i.report()).unwrap_or_default();
+                        pc.mode = if mode == Mode::Ram {
+                            "ram".into()
+                        } else {
+                            "sections".into()
+                        };
+                        pc.postcopy_ns = go_at.map(|t| t.elapsed().as_nanos() as u64).unwrap_or(0);
+                        pc.section_bytes = secs.iter().map(|s| s.bytes.len() as u64).sum();
+                        report.postcopy = Some(pc);
+                        report.bytes_received = stats.bytes;
+                        report.pages_received = stats.pages;
+                        report.zero_pages = stats.zero_pages;
+                        report.resend_requests = stats.torn;
+                        return Ok(report.clone());
+                    }
+                    other => {
+                        ctl_conn.shutdown();
+                        return Err(DestinationErrorKind::Unexpected {
+                            channel: "control".into(),
+                            record: format!("{other:?}"),
+                        });
+                    }
+                }
+                if ended && !ready_sent && (mode == Mode::Ram || !torn.any.load(Ordering::Acquire))
+                {
+                    ret.send(&ReturnRepr::Ready)
+                        .map_err(|source| LinkError::Io {
+                            what: "sending ready",
+                            source,
+                        })?;
+                    ready_sent = true;
+                }
             }
-            if ended && !ready_sent && !torn.any.load(Ordering::Acquire) {
-                ret.send(&ReturnRepr::Ready)
-                    .map_err(|source| LinkError::Io { what: "sending ready", source })?;
-                ready_sent = true;
-            }
-        }
         })();
+        if let Some(mut f) = faults.take() {
+            let _ = f.stop();
+        }
+        if let Some(inst) = inst.as_deref() {
+            inst.abort();
+        }
         if result.is_err() {
             // Wake the receiver threads so the scope can end.
             ctl_conn.shutdown();
-            for fd in &bulk_fds {
+            for fd in &wake_fds {
                 // SAFETY: shutdown on a socket descriptor owned by a live
                 // channel only changes the socket's state; it does not close it.
                 unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
             }
         }
-        result
+        if let Some(fd) = urgent_fd {
+            // SAFETY: as above; the urgent thread owns the socket and ends
+            // on the end of the connection this causes.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
+        let urgent_result = urgent_handle.map(|h| h.join());
+        match (result, urgent_result) {
+            (
+                Err(DestinationErrorKind::Transport { .. } | DestinationErrorKind::Truncated(_)),
+                Some(Ok(Err(e))),
+            ) => Err(e),
+            (Ok(r), Some(Ok(Ok(s)))) => {
+                let mut r = r;
+                r.bytes_received += s.bytes;
+                r.pages_received += s.pages;
+                Ok(r)
+            }
+            (r, _) => r,
+        }
     })
 }
 
+fn inst_arc(
+    holder: &Option<Arc<PageInstaller>>,
+) -> Result<Arc<PageInstaller>, DestinationErrorKind> {
+    holder
+        .clone()
+        .ok_or_else(|| DestinationErrorKind::Thread("the page installer is gone".into()))
+}

@@ -8,7 +8,14 @@
 //! source to destination, and the return path (accept, resend requests,
 //! *ready*, errors) back. Bulk connections carry page runs and zero runs only.
 //! A page always travels on the same bulk connection (pages are striped by
-//! address), so a newer copy never overtakes an older one.
+//! address), so a newer copy never overtakes an older one (nor its discard).
+//!
+//! With postcopy-ram negotiated the source opens one more connection, the
+//! *urgent* one, last: page requests go from destination to source and the
+//! requested page runs back, never queued behind bulk data.
+
+// `Negotiated` and `Hello` are `Copy` in current ferry-core; the clones
+// below stay correct whether or not they are.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -286,7 +293,7 @@ pub fn source_handshake(
     // The destination negotiates against its own hello; ours is what both
     // sides use (the destination refuses anything it cannot honour).
     let neg = hello.negotiate(hello).map_err(LinkError::Handshake)?;
-    let mut dec = ReturnDecoder::new(neg.clone());
+    let mut dec = ReturnDecoder::new(neg);
     let rec = read_return(ctl, &mut dec).map_err(|e| match e {
         ReturnReadError::Io(source) => LinkError::Io {
             what: "waiting for the destination's answer to the hello",
@@ -337,7 +344,7 @@ pub fn destination_handshake(
                 channels: h.caps.channels,
                 ..ours.caps
             },
-            ..ours.clone()
+            ..*ours
         };
         h.negotiate(&ours)
     });
@@ -435,27 +442,27 @@ pub fn spawn_return_reader(
     let (tx, rx) = mpsc::channel();
     let h = std::thread::Builder::new()
         .name("ferry-return".into())
-        .spawn(move || {
-            loop {
-                match read_return(&mut conn, &mut dec) {
-                    Ok(r) => {
-                        if tx.send(ReturnMsg::Record(r.repr)).is_err() {
-                            return;
-                        }
-                    }
-                    Err(ReturnReadError::Io(e)) => {
-                        let why = if e.kind() == io::ErrorKind::UnexpectedEof {
-                            "the destination closed the connection".to_string()
-                        } else {
-                            format!("the return path failed: {e}")
-                        };
-                        let _ = tx.send(ReturnMsg::Closed(why));
+        .spawn(move || loop {
+            match read_return(&mut conn, &mut dec) {
+                Ok(r) => {
+                    if tx.send(ReturnMsg::Record(r.repr)).is_err() {
                         return;
                     }
-                    Err(ReturnReadError::Decode(e)) => {
-                        let _ = tx.send(ReturnMsg::Closed(format!("the return path is corrupt: {e}")));
-                        return;
-                    }
+                }
+                Err(ReturnReadError::Io(e)) => {
+                    let why = if e.kind() == io::ErrorKind::UnexpectedEof {
+                        "the destination closed the connection".to_string()
+                    } else {
+                        format!("the return path failed: {e}")
+                    };
+                    let _ = tx.send(ReturnMsg::Closed(why));
+                    return;
+                }
+                Err(ReturnReadError::Decode(e)) => {
+                    let _ = tx.send(ReturnMsg::Closed(format!(
+                        "the return path is corrupt: {e}"
+                    )));
+                    return;
                 }
             }
         });
@@ -484,6 +491,8 @@ pub struct WireDecoder {
     last: Option<Record>,
     /// Largest payload accepted into the caller's buffer.
     buffer_len: u64,
+    /// Page payloads go into the caller's buffer too, not into guest memory.
+    pages_to_buffer: bool,
 }
 
 /// Why the decoder refused a header.
@@ -500,6 +509,8 @@ pub enum WireDecodeError {
         /// The stream offset of the header.
         offset: u64,
     },
+    /// The receiver refused the record's pages.
+    Refused(String),
     /// A record's payload does not fit the receive buffer.
     TooLarge {
         /// The payload length.
@@ -513,6 +524,7 @@ impl std::fmt::Display for WireDecodeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             WireDecodeError::Decode(e) => write!(f, "{e}"),
+            WireDecodeError::Refused(why) => write!(f, "{why}"),
             WireDecodeError::Sequence {
                 expected,
                 got,
@@ -539,6 +551,16 @@ impl WireDecoder {
             next_seq: 0,
             last: None,
             buffer_len: buffer_len as u64,
+            pages_to_buffer: false,
+        }
+    }
+
+    /// A decoder that places page payloads in the caller's buffer as well
+    /// (postcopy: the destination installs pages itself, atomically).
+    pub fn buffered(neg: Negotiated, buffer_len: usize) -> WireDecoder {
+        WireDecoder {
+            pages_to_buffer: true,
+            ..WireDecoder::new(neg, buffer_len)
         }
     }
 
@@ -578,6 +600,15 @@ impl Decoder for WireDecoder {
             .saturating_add(len);
         self.last = Some(rec);
         let placement = match rec.repr {
+            Repr::PageRun { .. } if self.pages_to_buffer => {
+                if len > self.buffer_len {
+                    return Err(WireDecodeError::TooLarge {
+                        len,
+                        buffer: self.buffer_len,
+                    });
+                }
+                Placement::Buffer { len }
+            }
             Repr::PageRun { region, .. } => match rec.ram_dest(&self.neg) {
                 Some((_, offset)) => Placement::Guest {
                     region: u32::from(region),
@@ -602,4 +633,65 @@ impl Decoder for WireDecoder {
         };
         Ok(placement)
     }
+}
+
+/// Why reading a stream record off a plain connection failed.
+#[derive(Debug)]
+pub enum StreamReadError {
+    /// The connection failed or closed mid-record.
+    Io(io::Error),
+    /// The header did not decode, or records were lost.
+    Decode(WireDecodeError),
+}
+
+impl std::fmt::Display for StreamReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StreamReadError::Io(e) => write!(f, "{e}"),
+            StreamReadError::Decode(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Reads one stream record with a blocking read (the urgent channel): the
+/// header, checked by `dec`, then its payload into `buf`. Returns `None` at a
+/// clean end of the connection (between records).
+pub fn read_stream_record(
+    conn: &mut Conn,
+    dec: &mut WireDecoder,
+    buf: &mut [u8],
+) -> Result<Option<(Record, usize)>, StreamReadError> {
+    let mut hdr = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match conn.read(&mut hdr[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(StreamReadError::Io(io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(StreamReadError::Io(e)),
+        }
+    }
+    let placement = dec.place(&hdr).map_err(StreamReadError::Decode)?;
+    let rec = dec.last().ok_or(StreamReadError::Io(io::Error::other(
+        "the decoder lost its record",
+    )))?;
+    let len = placement.len() as usize;
+    match placement {
+        Placement::Buffer { .. } | Placement::Empty => {
+            let dst =
+                buf.get_mut(..len)
+                    .ok_or(StreamReadError::Decode(WireDecodeError::TooLarge {
+                        len: len as u64,
+                        buffer: 0,
+                    }))?;
+            conn.read_exact(dst).map_err(StreamReadError::Io)?;
+        }
+        _ => {
+            return Err(StreamReadError::Io(io::Error::other(
+                "a record on the urgent channel has a payload that does not go in the buffer",
+            )))
+        }
+    }
+    Ok(Some((rec, len)))
 }

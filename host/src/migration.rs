@@ -47,7 +47,21 @@ pub trait GuestStarter {
     /// Called once, on *go*, with every device section received: restore
     /// them and start the vCPUs.
     fn start(&mut self, sections: &[DeviceSection]) -> Result<(), CallbackError>;
+
+    /// Called once after postcopy, with every postcopy-only section (e.g. the
+    /// snapshot dirty bitmap, [`SNAPSHOT_BITMAP_SECTION`]) that streamed after
+    /// the guest started. The default ignores them.
+    fn postcopy_sections(&mut self, sections: &[DeviceSection]) -> Result<(), CallbackError> {
+        let _ = sections;
+        Ok(())
+    }
 }
+
+/// Section id of the snapshot dirty bitmap, a postcopy-only section: one bit
+/// per guest page written since the migration started (what an incremental
+/// snapshot needs), the regions' bitmaps one after the other as
+/// little-endian 64-bit words.
+pub const SNAPSHOT_BITMAP_SECTION: u16 = 0x100;
 
 /// Settings of a migration, on the source.
 #[derive(Clone, Debug)]
@@ -67,6 +81,26 @@ pub struct SourceConfig {
     pub payload_checksums: bool,
     /// How long to wait for *ready* after the last byte was sent.
     pub ready_timeout: Duration,
+    /// Offer the postcopy-ram capability. RAM still enters postcopy only
+    /// when the operator asks, through `postcopy`.
+    pub offer_postcopy_ram: bool,
+    /// Offer the postcopy-only-sections capability: with it, policy rule 4
+    /// may complete RAM in the downtime and stream postcopy-only sections
+    /// after the guest resumed.
+    pub offer_postcopy_only_sections: bool,
+    /// The operator's switch to postcopy (share a clone with whoever throws it).
+    pub postcopy: crate::postcopy::PostcopyHandle,
+    /// Throw the switch once the first full pass is done (libvirt's
+    /// postcopy-after-precopy).
+    pub postcopy_after_first_pass: bool,
+    /// Keep a snapshot dirty bitmap (every page written since the migration
+    /// started) and migrate it as the postcopy-only section
+    /// [`SNAPSHOT_BITMAP_SECTION`].
+    pub snapshot_bitmap: bool,
+    /// Baseline for the benchmark only: send the replies to page requests on
+    /// the bulk channel, behind the background stream, instead of the urgent
+    /// channel.
+    pub replies_on_bulk: bool,
 }
 
 impl Default for SourceConfig {
@@ -79,6 +113,12 @@ impl Default for SourceConfig {
             max_run_pages: 64,
             payload_checksums: true,
             ready_timeout: Duration::from_secs(10),
+            offer_postcopy_ram: false,
+            offer_postcopy_only_sections: false,
+            postcopy: crate::postcopy::PostcopyHandle::new(),
+            postcopy_after_first_pass: false,
+            snapshot_bitmap: false,
+            replies_on_bulk: false,
         }
     }
 }
@@ -122,6 +162,51 @@ pub enum Event {
     GoSent,
     /// The migration failed before *ready*, and the guest was resumed here.
     ResumedOnSource,
+    /// *go* was sent and the migration is in postcopy: the guest runs on the
+    /// destination while the rest streams (and missing pages are fetched).
+    PostcopyStarted {
+        /// RAM pages may be missing on the destination (postcopy RAM), or
+        /// only postcopy-only sections follow.
+        ram: bool,
+        /// Pages still to stream.
+        pages_left: u64,
+    },
+    /// Postcopy progress, at most every 100 ms.
+    Postcopy(PostcopyProgress),
+    /// The destination acknowledged that every page and section arrived.
+    Completed,
+}
+
+/// Postcopy progress on the source.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct PostcopyProgress {
+    /// Pages streamed in the background so far.
+    pub pages_streamed: u64,
+    /// Pages still to stream.
+    pub pages_left: u64,
+    /// Page requests served.
+    pub requests: u64,
+    /// Time since *go*, nanoseconds.
+    pub elapsed_ns: u64,
+}
+
+/// What postcopy did on the source.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SourcePostcopyReport {
+    /// `"ram"` or `"sections"`.
+    pub mode: String,
+    /// Pages discarded at switchover (changed after they were sent).
+    pub pages_discarded: u64,
+    /// Pages streamed after *go*.
+    pub pages_streamed: u64,
+    /// Page requests served on the urgent channel.
+    pub requests: u64,
+    /// Pages sent in reply to requests.
+    pub pages_requested: u64,
+    /// Bytes of postcopy-only sections sent after *go*.
+    pub section_bytes: u64,
+    /// From *go* to the destination's final acknowledgement, nanoseconds.
+    pub postcopy_ns: u64,
 }
 
 /// The result of a migration, on the source.
@@ -155,6 +240,8 @@ pub struct SourceReport {
     pub threshold: u64,
     /// The transport used.
     pub transport: String,
+    /// Postcopy, when the migration switched over into it.
+    pub postcopy: Option<SourcePostcopyReport>,
 }
 
 /// The result of a migration, on the destination.
@@ -174,6 +261,8 @@ pub struct DestinationReport {
     pub go_at_ns: u64,
     /// CLOCK_MONOTONIC reading when the guest was started, in nanoseconds.
     pub resumed_at_ns: u64,
+    /// Postcopy, when the migration switched over into it.
+    pub postcopy: Option<crate::postcopy::DestinationPostcopyReport>,
 }
 
 /// The CLOCK_MONOTONIC reading in nanoseconds: comparable across the

@@ -102,7 +102,9 @@ pub fn is_zero(bytes: &[u8]) -> bool {
     };
     head.iter().all(|b| *b == 0)
         && tail.iter().all(|b| *b == 0)
-        && words.chunks(8).all(|c| c.iter().fold(0u64, |a, w| a | w) == 0)
+        && words
+            .chunks(8)
+            .all(|c| c.iter().fold(0u64, |a, w| a | w) == 0)
 }
 
 /// The guest RAM of one side of a migration: its regions, borrowed from the

@@ -1,5 +1,5 @@
 //! The source side of a migration: precopy rounds, the switchover decision,
-//! the stop-and-copy and the *ready* / *go* handshake.
+//! the stop-and-copy, the *ready* / *go* handshake, and postcopy.
 //!
 //! The loop: arm dirty tracking; a first pass over every page (zero pages as
 //! zero runs); then rounds of — ask for the pending figure (the estimate, or
@@ -10,10 +10,26 @@
 //! for *ready* and send *go*. A failure before *ready* resumes the guest here;
 //! after *go* the guest belongs to the destination.
 //!
+//! On `Switchover { ram_postcopy: true }` (the operator threw the switch,
+//! [`crate::postcopy::PostcopyHandle`], and postcopy-ram was negotiated): pause,
+//! final sync; every page dirty now changed after it was sent, so it is
+//! discarded on the destination (a `Discard` on its own bulk channel, then a
+//! `PostcopyListen` marker on every bulk channel), device state, *ready*,
+//! *go*; then a request server answers page requests from the paused guest's
+//! memory on the urgent connection while the bulk channels stream the
+//! discarded pages in the background. On `Switchover { ram_postcopy: false }`
+//! (rule 4) RAM completes in the downtime and only the postcopy-only
+//! sections (the snapshot dirty bitmap) follow *go*. Either way the source
+//! keeps its whole state until the destination's final *ready*; a connection
+//! lost in postcopy leaves its guest paused, never resumed.
+//!
 //! Bulk channels are driven by one sender thread each, which computes payload
 //! checksums and hands records to the transport; the control channel is
 //! driven from the calling thread; a third kind of thread reads the return
-//! path.
+//! path, and in postcopy a fourth serves page requests.
+
+// `Negotiated` and `Hello` are `Copy` in current ferry-core; the clones
+// below stay correct whether or not they are.
 
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::time::{Duration, Instant};
@@ -32,7 +48,8 @@ use ferry_uring::{share_out, AnyChannel, Channel, OutRecord, Payload, ProbeRepor
 use crate::dirty::{DirtyError, DirtyTracker};
 use crate::link::{self, Endpoint, LinkError, ReturnMsg};
 use crate::migration::{
-    monotonic_ns, CallbackError, Event, GuestControl, RoundProgress, SourceConfig, SourceReport,
+    monotonic_ns, CallbackError, Event, GuestControl, PostcopyProgress, RoundProgress,
+    SourceConfig, SourcePostcopyReport, SourceReport, SNAPSHOT_BITMAP_SECTION,
 };
 use crate::ram::{Ram, RamRegion, PAGE_SIZE};
 
@@ -108,6 +125,16 @@ pub enum SourceError {
     /// A sender thread died.
     #[error("a sender thread failed: {0}")]
     Thread(String),
+    /// The connection failed during postcopy: the guest runs on the
+    /// destination with pages missing; the source keeps every page and its
+    /// guest stays paused (never resumed here).
+    #[error("the connection was lost during postcopy ({why}); {pages_left} pages were left to stream when postcopy started: the guest runs on the destination and waits there for its missing pages, this side keeps every page and its guest stays paused — do not resume it here")]
+    PostcopyInterrupted {
+        /// What failed.
+        why: String,
+        /// Pages left to stream when postcopy started.
+        pages_left: u64,
+    },
     /// Encoding a record failed (a bug).
     #[error("could not encode a record: {0}")]
     Emit(wire::EmitError),
@@ -136,6 +163,13 @@ struct PageWork {
 
 enum Job {
     Pages(Vec<PageWork>),
+    /// Discard records (region, first, count), sent at switchover.
+    Discard(Vec<(u16, u64, u32)>),
+    /// The switchover marker (`PostcopyListen`) on this bulk channel.
+    Marker,
+    /// A reply to a page request, behind whatever is queued (benchmark
+    /// baseline: requests sharing the bulk channel).
+    Requested(PageWork),
     Flush(SyncSender<Result<(), String>>),
     End,
 }
@@ -155,6 +189,44 @@ struct RamPending<'t, T: DirtyTracker> {
     dirty_rate: u64,
     since_sync_ns: u64,
     newly: &'t mut u64,
+    /// RAM may move after switchover (postcopy-ram negotiated).
+    compatible: bool,
+}
+
+impl<T: DirtyTracker> RamPending<'_, T> {
+    fn classed(&self, bytes: u64) -> Pending {
+        if self.compatible {
+            Pending::new(0, bytes, 0)
+        } else {
+            Pending::new(bytes, 0, 0)
+        }
+    }
+}
+
+/// The snapshot dirty bitmap: postcopy-only, its whole size pending until
+/// the source stops (it keeps changing until then).
+struct SnapshotPending(u64);
+
+impl Section for SnapshotPending {
+    type Error = DirtyError;
+    fn name(&self) -> &str {
+        "snapshot-bitmap"
+    }
+    fn estimate(&self) -> Pending {
+        Pending::new(0, 0, self.0)
+    }
+    fn exact(&mut self) -> Result<Pending, DirtyError> {
+        Ok(self.estimate())
+    }
+}
+
+/// ORs `from` into `into`, word by word.
+fn or_into(into: &mut [Vec<u64>], from: &[Vec<u64>]) {
+    for (a, b) in into.iter_mut().zip(from) {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x |= *y;
+        }
+    }
 }
 
 fn count_bits(words: &[u64]) -> u64 {
@@ -172,7 +244,7 @@ impl<T: DirtyTracker> Section for RamPending<'_, T> {
         let known: u64 = self.bitmaps.iter().map(|b| count_bits(b)).sum();
         let guess = (u128::from(self.dirty_rate) * u128::from(self.since_sync_ns) / 1_000_000_000)
             .min(u128::from(u64::MAX)) as u64;
-        Pending::new(known.saturating_mul(PAGE_SIZE).saturating_add(guess), 0, 0)
+        self.classed(known.saturating_mul(PAGE_SIZE).saturating_add(guess))
     }
 
     fn exact(&mut self) -> Result<Pending, DirtyError> {
@@ -183,7 +255,7 @@ impl<T: DirtyTracker> Section for RamPending<'_, T> {
             dirty += count_bits(words);
         }
         self.since_sync_ns = 0;
-        Ok(Pending::new(dirty.saturating_mul(PAGE_SIZE), 0, 0))
+        Ok(self.classed(dirty.saturating_mul(PAGE_SIZE)))
     }
 }
 
@@ -236,6 +308,8 @@ struct Source<'r, 'm> {
     ctl_conn: link::Conn,
     returns: Receiver<ReturnMsg>,
     bulk: Vec<AnyChannel>,
+    /// The urgent connection (postcopy-ram only).
+    urgent: Option<link::Conn>,
     transport_name: String,
     started: Instant,
 }
@@ -252,15 +326,17 @@ impl<'r, 'm> Source<'r, 'm> {
         let layout = ram.layout().map_err(|e| {
             SourceError::Destination(format!("the guest RAM layout is invalid: {e:?}"))
         })?;
+        let extra = if config.offer_postcopy_ram { 2 } else { 1 };
         let caps = Capabilities {
-            postcopy_ram: false,
-            postcopy_only_sections: false,
+            postcopy_ram: config.offer_postcopy_ram,
+            postcopy_only_sections: config.offer_postcopy_only_sections,
             payload_checksums: config.payload_checksums,
-            channels: u16::try_from(n_bulk + 1).unwrap_or(u16::MAX),
+            channels: u16::try_from(n_bulk + extra).unwrap_or(u16::MAX),
         };
         let hello = Hello::new(caps, layout);
         let mut ctl_conn = link::connect(&link.endpoint)?;
-        let (neg, ret_dec) = link::source_handshake(&mut ctl_conn, &hello, Duration::from_secs(30))?;
+        let (neg, ret_dec) =
+            link::source_handshake(&mut ctl_conn, &hello, Duration::from_secs(30))?;
         let ret_conn = ctl_conn.try_clone().map_err(|source| LinkError::Io {
             what: "duplicating the control socket",
             source,
@@ -285,6 +361,13 @@ impl<'r, 'm> Source<'r, 'm> {
                     .map_err(chan_err(format!("bulk {i}")))?,
             );
         }
+        // The urgent connection comes last: page requests in, replies out,
+        // never behind bulk data.
+        let urgent = if neg.caps.postcopy_ram {
+            Some(link::connect(&link.endpoint)?)
+        } else {
+            None
+        };
         let (returns, _reader) = link::spawn_return_reader(ret_conn, ret_dec);
         let transport_name = format!("{} x{}", ctl.name(), n_bulk);
         Ok(Source {
@@ -296,6 +379,7 @@ impl<'r, 'm> Source<'r, 'm> {
             ctl_conn,
             returns,
             bulk,
+            urgent,
             transport_name,
             started,
         })
@@ -303,6 +387,9 @@ impl<'r, 'm> Source<'r, 'm> {
 
     fn shutdown(&mut self) {
         self.ctl_conn.shutdown();
+        if let Some(u) = &self.urgent {
+            u.shutdown();
+        }
     }
 
     fn elapsed_ns(&self) -> u64 {
@@ -339,7 +426,10 @@ impl<'r, 'm> Source<'r, 'm> {
         let _ = state.move_to(MigrationState::Active);
         let regions: Vec<RamRegion> = self.ram.regions().to_vec();
         let pages: Vec<u64> = regions.iter().map(|r| r.pages()).collect();
-        let mut bitmaps: Vec<Vec<u64>> = pages.iter().map(|&p| vec![0u64; p.div_ceil(64) as usize]).collect();
+        let mut bitmaps: Vec<Vec<u64>> = pages
+            .iter()
+            .map(|&p| vec![0u64; p.div_ceil(64) as usize])
+            .collect();
         let mut report = SourceReport {
             transport: self.transport_name.clone(),
             ..SourceReport::default()
@@ -347,11 +437,21 @@ impl<'r, 'm> Source<'r, 'm> {
         let mut bandwidth = RateEstimator::<64>::new(DEFAULT_WINDOW_NS);
         let mut dirty_rate = RateEstimator::<64>::new(DEFAULT_WINDOW_NS);
         let limit_ns = u64::try_from(self.config.downtime_limit.as_nanos()).unwrap_or(u64::MAX);
-        let neg = self.neg.clone();
+        let neg = self.neg;
         let max_run = self.config.max_run_pages.clamp(1, MAX_RUN_PAGES);
-        let cap_per_channel = self.config.bandwidth_cap.map(|c| (c / self.bulk.len() as u64).max(1));
+        let cap_per_channel = self
+            .config
+            .bandwidth_cap
+            .map(|c| (c / self.bulk.len() as u64).max(1));
         let ram = self.ram;
         let bulk = std::mem::take(&mut self.bulk);
+        let mut snapshot: Option<Vec<Vec<u64>>> =
+            self.config.snapshot_bitmap.then(|| bitmaps.clone());
+        let snapshot_bytes: u64 = bitmaps.iter().map(|b| b.len() as u64 * 8).sum();
+        let policy_caps = PolicyCaps {
+            postcopy_ram: neg.caps.postcopy_ram,
+            postcopy_only_sections: neg.caps.postcopy_only_sections,
+        };
 
         std::thread::scope(|scope| -> Result<SourceReport, SourceError> {
             // Sender threads, one per bulk channel.
@@ -360,38 +460,18 @@ impl<'r, 'm> Source<'r, 'm> {
             for (i, chan) in bulk.into_iter().enumerate() {
                 let (tx, rx) = mpsc::sync_channel::<Job>(8);
                 jobs.push(tx);
-                let neg = neg.clone();
-                senders.push(scope.spawn(move || sender_thread(i, chan, rx, ram, &neg, cap_per_channel)));
+                senders.push(
+                    scope.spawn(move || sender_thread(i, chan, rx, ram, &neg, cap_per_channel)),
+                );
             }
-            let join_senders = |senders: Vec<std::thread::ScopedJoinHandle<'_, Result<SenderStats, String>>>| {
-                let mut total = SenderStats::default();
-                let mut first_err = None;
-                for h in senders {
-                    match h.join() {
-                        Ok(Ok(s)) => {
-                            total.bytes += s.bytes;
-                            total.pages += s.pages;
-                            total.zero_pages += s.zero_pages;
-                        }
-                        Ok(Err(e)) => {
-                            first_err.get_or_insert(e);
-                        }
-                        Err(_) => {
-                            first_err.get_or_insert("a sender thread panicked".to_string());
-                        }
-                    }
-                }
-                match first_err {
-                    Some(e) => Err(SourceError::Thread(e)),
-                    None => Ok(total),
-                }
-            };
+            let join_senders = join_senders_list;
 
             let outcome = (|| -> Result<(Decision, u64, u32, Option<Pending>), SourceError> {
                 tracker.start()?;
                 // Round 0: every page.
                 for (b, &p) in bitmaps.iter_mut().zip(&pages) {
-                    let mut bm = DirtyBitmap::new(b, p as usize).map_err(|e| SourceError::Destination(format!("{e:?}")))?;
+                    let mut bm = DirtyBitmap::new(b, p as usize)
+                        .map_err(|e| SourceError::Destination(format!("{e:?}")))?;
                     bm.set_all();
                 }
                 let mut round = 0u32;
@@ -401,8 +481,23 @@ impl<'r, 'm> Source<'r, 'm> {
                 loop {
                     // Stream what the bitmaps hold.
                     let t0 = self.elapsed_ns();
-                    let bytes = dispatch(tracker, &mut bitmaps, &pages, &jobs, max_run, round == 0)?;
+                    if round > 0 {
+                        if let Some(snap) = snapshot.as_mut() {
+                            or_into(snap, &bitmaps);
+                        }
+                    }
+                    let bytes = dispatch(
+                        Some(&mut *tracker),
+                        &mut bitmaps,
+                        &pages,
+                        &jobs,
+                        max_run,
+                        round == 0,
+                    )?;
                     flush_all(&jobs)?;
+                    if round == 0 && self.config.postcopy_after_first_pass {
+                        self.config.postcopy.start_postcopy();
+                    }
                     let t1 = self.elapsed_ns();
                     if bytes > 0 {
                         let _ = bandwidth.record(bytes, t0, t1.max(t0 + 1));
@@ -422,15 +517,21 @@ impl<'r, 'm> Source<'r, 'm> {
                             dirty_rate: dirty_rate.bytes_per_sec(),
                             since_sync_ns: now - last_sync,
                             newly: &mut newly,
+                            compatible: neg.caps.postcopy_ram,
                         };
                         let mut dev_s = DevicePending(guest.device_state_estimate());
+                        let mut snap_s = SnapshotPending(snapshot_bytes);
                         let mut set: Sections<'_, DirtyError, 4> = Sections::new();
                         let _ = set.add(&mut ram_s);
                         let _ = set.add(&mut dev_s);
+                        if snapshot.is_some() {
+                            let _ = set.add(&mut snap_s);
+                        }
                         set.query(threshold)?
                     };
                     if query.exact {
-                        let _ = dirty_rate.record(newly * PAGE_SIZE, last_sync, now.max(last_sync + 1));
+                        let _ =
+                            dirty_rate.record(newly * PAGE_SIZE, last_sync, now.max(last_sync + 1));
                         last_sync = now;
                     }
                     let decision = policy::decide(&Inputs {
@@ -438,8 +539,8 @@ impl<'r, 'm> Source<'r, 'm> {
                         previous,
                         threshold,
                         floor: self.config.floor_bytes,
-                        caps: PolicyCaps::default(),
-                        start_postcopy: false,
+                        caps: policy_caps,
+                        start_postcopy: self.config.postcopy.requested(),
                         in_postcopy: false,
                         can_switchover: true,
                     })
@@ -477,7 +578,8 @@ impl<'r, 'm> Source<'r, 'm> {
                         for (r, words) in bitmaps.iter_mut().enumerate() {
                             newly += tracker.sync(r, words)?;
                         }
-                        let _ = dirty_rate.record(newly * PAGE_SIZE, last_sync, now.max(last_sync + 1));
+                        let _ =
+                            dirty_rate.record(newly * PAGE_SIZE, last_sync, now.max(last_sync + 1));
                         last_sync = now;
                     }
                     previous = Some(query.pending);
@@ -497,79 +599,127 @@ impl<'r, 'm> Source<'r, 'm> {
                     });
                 }
             };
-            if let Decision::Switchover { .. } = decision {
+            let pc_ram = decision == Decision::Switchover { ram_postcopy: true };
+            let pc_sections = decision
+                == Decision::Switchover {
+                    ram_postcopy: false,
+                };
+
+            // Stop-and-copy (and, with postcopy RAM, the discards).
+            let _ = state.move_to(MigrationState::StopAndCopy);
+            if let Err(source) = guest.pause() {
                 drop(jobs);
                 let _ = join_senders(senders);
-                return Err(SourceError::Unsupported("postcopy"));
+                return Err(SourceError::Guest {
+                    what: "pause",
+                    source,
+                });
             }
-
-            // Stop-and-copy.
-            let _ = state.move_to(MigrationState::StopAndCopy);
-            guest
-                .pause()
-                .map_err(|source| SourceError::Guest { what: "pause", source })?;
             let paused_at = monotonic_ns();
             events(&Event::Paused);
-            let final_phase = (|| -> Result<SenderStats, SourceError> {
-                self.send_ctl(Repr::StopAndCopy, &[])?;
+            let mut pc_report = SourcePostcopyReport {
+                mode: if pc_ram {
+                    "ram".into()
+                } else {
+                    "sections".into()
+                },
+                ..SourcePostcopyReport::default()
+            };
+            let final_phase = (|| -> Result<(), SourceError> {
+                if !pc_ram {
+                    self.send_ctl(Repr::StopAndCopy, &[])?;
+                }
                 for (r, words) in bitmaps.iter_mut().enumerate() {
                     tracker.sync(r, words)?;
                 }
-                self.poll_returns(&mut bitmaps, &mut report)?;
-                dispatch(tracker, &mut bitmaps, &pages, &jobs, max_run, false)?;
-                for j in &jobs {
-                    j.send(Job::End)
-                        .map_err(|_| SourceError::Thread("a sender thread stopped early".into()))?;
+                if let Some(snap) = snapshot.as_mut() {
+                    or_into(snap, &bitmaps);
                 }
-                Ok(SenderStats::default())
+                self.poll_returns(&mut bitmaps, &mut report)?;
+                if pc_ram {
+                    // Pages dirty now changed after they were sent: the
+                    // destination forgets them; they come in the background
+                    // or on demand. Each discard travels on its page's bulk
+                    // channel, so it lands after the stale copy.
+                    pc_report.pages_discarded = send_discards(&bitmaps, &jobs)?;
+                    for j in &jobs {
+                        j.send(Job::Marker).map_err(|_| {
+                            SourceError::Thread("a sender thread stopped early".into())
+                        })?;
+                    }
+                    flush_all(&jobs)?;
+                    self.send_ctl(Repr::PostcopyListen, &[])?;
+                } else {
+                    dispatch(
+                        Some(&mut *tracker),
+                        &mut bitmaps,
+                        &pages,
+                        &jobs,
+                        max_run,
+                        false,
+                    )?;
+                    for j in &jobs {
+                        j.send(Job::End).map_err(|_| {
+                            SourceError::Thread("a sender thread stopped early".into())
+                        })?;
+                    }
+                }
+                Ok(())
             })();
-            drop(jobs);
-            let joined = join_senders(senders);
-            let final_phase = match (final_phase, joined) {
-                (Err(SourceError::Thread(_)), Err(cause)) => Err(cause),
-                (Err(e), _) => Err(e),
-                (Ok(_), joined) => joined,
+            let mut jobs = Some(jobs);
+            let mut senders = Some(senders);
+            let final_phase = if pc_ram {
+                final_phase
+            } else {
+                jobs = None;
+                let joined = senders
+                    .take()
+                    .map(join_senders)
+                    .unwrap_or(Ok(SenderStats::default()));
+                match (final_phase, joined) {
+                    (Err(SourceError::Thread(_)), Err(cause)) => Err(cause),
+                    (Err(e), _) => Err(e),
+                    (Ok(()), Ok(stats)) => {
+                        report.bytes_sent = stats.bytes;
+                        report.pages_sent = stats.pages;
+                        report.zero_pages = stats.zero_pages;
+                        Ok(())
+                    }
+                    (Ok(()), Err(e)) => Err(e),
+                }
             };
-            let result = final_phase.and_then(|stats| {
-                report.bytes_sent = stats.bytes;
-                report.pages_sent = stats.pages;
-                report.zero_pages = stats.zero_pages;
+            let result = final_phase.and_then(|()| {
                 let sections = guest.device_state().map_err(|source| SourceError::Guest {
                     what: "save the device state of",
                     source,
                 })?;
                 for s in &sections {
-                    let mut offset = 0usize;
-                    // An empty section still sends one (empty, last) chunk.
-                    loop {
-                        let end = (offset + MAX_SECTION_CHUNK as usize).min(s.bytes.len());
-                        let chunk = &s.bytes[offset..end];
-                        self.send_ctl(
-                            Repr::Section {
-                                section: s.id,
-                                offset: offset as u64,
-                                len: chunk.len() as u32,
-                                last: end == s.bytes.len(),
-                            },
-                            chunk,
-                        )?;
-                        report.device_bytes += chunk.len() as u64;
-                        report.bytes_sent += (HEADER_LEN + chunk.len()) as u64;
-                        offset = end;
-                        if offset >= s.bytes.len() {
-                            break;
-                        }
-                    }
+                    report.device_bytes += s.bytes.len() as u64;
+                    report.bytes_sent += self.send_section(s.id, &s.bytes, false)?;
+                }
+                if let (Some(snap), false) = (snapshot.as_ref(), pc_sections || pc_ram) {
+                    // Classic behaviour: the postcopy-only section goes in
+                    // the downtime.
+                    report.bytes_sent +=
+                        self.send_section(SNAPSHOT_BITMAP_SECTION, &words_bytes(snap), false)?;
+                }
+                if pc_sections {
+                    self.send_ctl(Repr::PostcopyListen, &[])?;
                 }
                 self.send_ctl(Repr::End, &[])?;
                 events(&Event::AwaitingReady);
-                self.await_ready(&regions, &mut report)
+                self.await_ready(&regions, &mut report, pc_ram.then_some(&mut bitmaps[..]))
             });
             if let Err(e) = result {
                 let _ = state.move_to(MigrationState::Failed);
-                guest
-                    .resume()
-                    .map_err(|source| SourceError::Guest { what: "resume", source })?;
+                drop(jobs.take());
+                if let Some(s) = senders.take() {
+                    let _ = join_senders(s);
+                }
+                guest.resume().map_err(|source| SourceError::Guest {
+                    what: "resume",
+                    source,
+                })?;
                 events(&Event::ResumedOnSource);
                 return Err(e);
             }
@@ -577,27 +727,231 @@ impl<'r, 'm> Source<'r, 'm> {
             // Go: from here on the guest belongs to the destination.
             if let Err(e) = self.send_ctl(Repr::Go, &[]) {
                 let _ = state.move_to(MigrationState::Failed);
+                drop(jobs.take());
+                if let Some(s) = senders.take() {
+                    let _ = join_senders(s);
+                }
                 return Err(SourceError::AfterGo(e.to_string()));
             }
             let go_at = monotonic_ns();
+            let go_instant = Instant::now();
             events(&Event::GoSent);
-            let _ = state.move_to(MigrationState::Completed);
-            let total_ns = self.elapsed_ns();
-            report.total_ns = total_ns;
             report.rounds = rounds;
             report.threshold = threshold;
             report.final_pending = final_pending.map(|p| p.total()).unwrap_or(0);
             report.paused_at_ns = paused_at;
             report.go_at_ns = go_at;
             report.source_downtime_ns = go_at.saturating_sub(paused_at);
-            report.throughput = (u128::from(report.bytes_sent) * 1_000_000_000 / u128::from(total_ns.max(1))) as u64;
+
+            if pc_ram || pc_sections {
+                let _ = state.move_to(MigrationState::PostcopyActive);
+                let pages_left: u64 = bitmaps.iter().map(|b| count_bits(b)).sum();
+                let outcome = self.postcopy(
+                    scope,
+                    &mut bitmaps,
+                    &pages,
+                    jobs.take(),
+                    senders.take(),
+                    snapshot.as_deref(),
+                    max_run,
+                    &mut report,
+                    &mut pc_report,
+                    events,
+                );
+                pc_report.postcopy_ns = go_instant.elapsed().as_nanos() as u64;
+                if let Err(e) = outcome {
+                    let _ = state.move_to(MigrationState::PostcopyPaused);
+                    let e = match e {
+                        e @ SourceError::PostcopyInterrupted { .. } => e,
+                        e => SourceError::PostcopyInterrupted {
+                            why: e.to_string(),
+                            pages_left,
+                        },
+                    };
+                    return Err(e);
+                }
+                report.postcopy = Some(pc_report);
+                events(&Event::Completed);
+            }
+            let _ = state.move_to(MigrationState::Completed);
+            let total_ns = self.elapsed_ns();
+            report.total_ns = total_ns;
+            report.throughput = (u128::from(report.bytes_sent) * 1_000_000_000
+                / u128::from(total_ns.max(1))) as u64;
             Ok(report.clone())
         })
     }
 
+    /// Sends one section in chunks on the control channel (as a postcopy-only
+    /// section when `postcopy`); returns the bytes put on the wire.
+    fn send_section(&mut self, id: u16, bytes: &[u8], postcopy: bool) -> Result<u64, SourceError> {
+        let mut offset = 0usize;
+        let mut sent = 0u64;
+        // An empty section still sends one (empty, last) chunk.
+        loop {
+            let end = (offset + MAX_SECTION_CHUNK as usize).min(bytes.len());
+            let chunk = &bytes[offset..end];
+            let (len, last) = (chunk.len() as u32, end == bytes.len());
+            let repr = if postcopy {
+                Repr::PostcopySection {
+                    section: id,
+                    offset: offset as u64,
+                    len,
+                    last,
+                }
+            } else {
+                Repr::Section {
+                    section: id,
+                    offset: offset as u64,
+                    len,
+                    last,
+                }
+            };
+            self.send_ctl(repr, chunk)?;
+            sent += (HEADER_LEN + chunk.len()) as u64;
+            offset = end;
+            if offset >= bytes.len() {
+                return Ok(sent);
+            }
+        }
+    }
+
+    /// After *go*: serve page requests on the urgent channel, stream the
+    /// remaining pages in the background, then the postcopy-only sections,
+    /// and wait for the destination's final acknowledgement.
+    #[allow(clippy::too_many_arguments)]
+    fn postcopy<'s, 'e>(
+        &mut self,
+        scope: &'s std::thread::Scope<'s, 'e>,
+        bitmaps: &mut [Vec<u64>],
+        pages: &[u64],
+        jobs: Option<Vec<SyncSender<Job>>>,
+        senders: Option<Vec<std::thread::ScopedJoinHandle<'s, Result<SenderStats, String>>>>,
+        snapshot: Option<&[Vec<u64>]>,
+        max_run: u32,
+        report: &mut SourceReport,
+        pc: &mut SourcePostcopyReport,
+        events: &mut dyn FnMut(&Event),
+    ) -> Result<(), SourceError>
+    where
+        'r: 's,
+        'm: 's,
+    {
+        let pages_left: u64 = if jobs.is_some() {
+            bitmaps.iter().map(|b| count_bits(b)).sum()
+        } else {
+            0
+        };
+        let lost = |why: String| SourceError::PostcopyInterrupted { why, pages_left };
+        self.send_ctl(Repr::PostcopyRun, &[])
+            .map_err(|e| lost(e.to_string()))?;
+        events(&Event::PostcopyStarted {
+            ram: jobs.is_some(),
+            pages_left,
+        });
+        let requests = std::sync::Arc::new(UrgentStats::default());
+        let mut server = None;
+        if let (Some(jobs), Some(conn)) = (jobs.as_ref(), self.urgent.as_ref()) {
+            let reader = conn
+                .try_clone()
+                .map_err(|e| lost(format!("duplicating the urgent socket: {e}")))?;
+            let writer = conn
+                .try_clone()
+                .map_err(|e| lost(format!("duplicating the urgent socket: {e}")))?;
+            let via_bulk = self.config.replies_on_bulk.then(|| jobs.clone());
+            let (ram, neg, stats) = (self.ram, self.neg, requests.clone());
+            server = Some(
+                scope.spawn(move || urgent_server(reader, writer, ram, neg, via_bulk, &stats)),
+            );
+        }
+        let streamed = (|| -> Result<(), SourceError> {
+            if let Some(jobs) = jobs {
+                let t = Instant::now();
+                let mut progress = |streamed: u64| {
+                    events(&Event::Postcopy(PostcopyProgress {
+                        pages_streamed: streamed,
+                        pages_left: pages_left.saturating_sub(streamed),
+                        requests: requests.requests.load(std::sync::atomic::Ordering::Relaxed),
+                        elapsed_ns: t.elapsed().as_nanos() as u64,
+                    }))
+                };
+                let sent = stream_background(bitmaps, pages, &jobs, max_run, &mut progress)
+                    .and_then(|()| {
+                        for j in &jobs {
+                            j.send(Job::End).map_err(|_| {
+                                SourceError::Thread("a sender thread stopped early".into())
+                            })?;
+                        }
+                        Ok(())
+                    });
+                drop(jobs);
+                let joined = senders
+                    .map(join_senders_list)
+                    .unwrap_or(Ok(SenderStats::default()));
+                // A sender that died knows better why than "it stopped".
+                let stats = match (sent, joined) {
+                    (Err(SourceError::Thread(_)), Err(cause)) => return Err(cause),
+                    (Err(e), _) => return Err(e),
+                    (Ok(()), joined) => joined?,
+                };
+                report.bytes_sent += stats.bytes;
+                report.pages_sent += stats.pages;
+                report.zero_pages += stats.zero_pages;
+                pc.pages_streamed = pages_left;
+                progress(pages_left);
+            }
+            self.poll_returns(&mut [], report)?;
+            if let Some(snap) = snapshot {
+                let bytes = words_bytes(snap);
+                pc.section_bytes = bytes.len() as u64;
+                report.bytes_sent += self.send_section(SNAPSHOT_BITMAP_SECTION, &bytes, true)?;
+            }
+            self.send_ctl(Repr::End, &[])?;
+            // The destination acknowledges that every page and section
+            // arrived with a second ready; until then this side keeps all.
+            loop {
+                match self.returns.recv() {
+                    Ok(ReturnMsg::Record(ReturnRepr::Ready)) => return Ok(()),
+                    Ok(ReturnMsg::Record(ReturnRepr::Resend { .. })) => {}
+                    Ok(ReturnMsg::Record(ReturnRepr::Error { code, detail })) => {
+                        return Err(SourceError::Destination(format!(
+                            "it reported {code:?} (detail {detail})"
+                        )))
+                    }
+                    Ok(ReturnMsg::Record(other)) => {
+                        return Err(SourceError::Destination(format!(
+                            "unexpected {other:?} in postcopy"
+                        )))
+                    }
+                    Ok(ReturnMsg::Closed(why)) => return Err(SourceError::Destination(why)),
+                    Err(_) => return Err(SourceError::Destination("the return path ended".into())),
+                }
+            }
+        })();
+        if let Some(u) = &self.urgent {
+            u.shutdown();
+        }
+        let served = server.map(|h| h.join());
+        pc.requests = requests.requests.load(std::sync::atomic::Ordering::Relaxed);
+        pc.pages_requested = requests.pages.load(std::sync::atomic::Ordering::Relaxed);
+        streamed.map_err(|e| match e {
+            SourceError::Thread(why) | SourceError::Destination(why) => lost(why),
+            e => lost(e.to_string()),
+        })?;
+        match served {
+            Some(Ok(Err(e))) => Err(lost(format!("the urgent channel failed: {e}"))),
+            Some(Err(_)) => Err(lost("the urgent server panicked".into())),
+            _ => Ok(()),
+        }
+    }
+
     /// Folds resend requests into the bitmaps; fails on an error from the
     /// destination or a closed return path.
-    fn poll_returns(&mut self, bitmaps: &mut [Vec<u64>], report: &mut SourceReport) -> Result<(), SourceError> {
+    fn poll_returns(
+        &mut self,
+        bitmaps: &mut [Vec<u64>],
+        report: &mut SourceReport,
+    ) -> Result<(), SourceError> {
         loop {
             match self.returns.try_recv() {
                 Ok(ReturnMsg::Record(r)) => self.apply_return(r, bitmaps, report)?,
@@ -610,12 +964,23 @@ impl<'r, 'm> Source<'r, 'm> {
         }
     }
 
-    fn apply_return(&mut self, r: ReturnRepr, bitmaps: &mut [Vec<u64>], report: &mut SourceReport) -> Result<(), SourceError> {
+    fn apply_return(
+        &mut self,
+        r: ReturnRepr,
+        bitmaps: &mut [Vec<u64>],
+        report: &mut SourceReport,
+    ) -> Result<(), SourceError> {
         match r {
-            ReturnRepr::Resend { region, first, count } => {
-                let words = bitmaps
-                    .get_mut(usize::from(region))
-                    .ok_or_else(|| SourceError::Destination(format!("asked to resend pages of unknown region {region}")))?;
+            ReturnRepr::Resend {
+                region,
+                first,
+                count,
+            } => {
+                let words = bitmaps.get_mut(usize::from(region)).ok_or_else(|| {
+                    SourceError::Destination(format!(
+                        "asked to resend pages of unknown region {region}"
+                    ))
+                })?;
                 let pages = self.ram.region(region).map(|r| r.pages()).unwrap_or(0);
                 let mut bm = DirtyBitmap::new(words, pages as usize)
                     .map_err(|e| SourceError::Destination(format!("{e:?}")))?;
@@ -629,38 +994,79 @@ impl<'r, 'm> Source<'r, 'm> {
             ReturnRepr::Error { code, detail } => Err(SourceError::Destination(format!(
                 "it reported {code:?} (detail {detail})"
             ))),
-            ReturnRepr::PageRequest { .. } => Err(SourceError::Unsupported("postcopy page requests")),
-            ReturnRepr::Ready => Err(SourceError::Destination("it said ready before the stream ended".into())),
-            ReturnRepr::Accept => Err(SourceError::Destination("it accepted a second hello".into())),
+            ReturnRepr::PageRequest { .. } => {
+                Err(SourceError::Unsupported("postcopy page requests"))
+            }
+            ReturnRepr::Ready => Err(SourceError::Destination(
+                "it said ready before the stream ended".into(),
+            )),
+            ReturnRepr::Accept => Err(SourceError::Destination(
+                "it accepted a second hello".into(),
+            )),
         }
     }
 
     /// After the end of the stream: serves resend requests from the paused
     /// guest's memory until *ready*.
-    fn await_ready(&mut self, regions: &[RamRegion], report: &mut SourceReport) -> Result<(), SourceError> {
+    ///
+    /// With `fold` (postcopy RAM), torn pages are not resent here but added
+    /// to the background stream.
+    fn await_ready(
+        &mut self,
+        regions: &[RamRegion],
+        report: &mut SourceReport,
+        mut fold: Option<&mut [Vec<u64>]>,
+    ) -> Result<(), SourceError> {
         let deadline = Instant::now() + self.config.ready_timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let msg = match self.returns.recv_timeout(left) {
                 Ok(m) => m,
-                Err(RecvTimeoutError::Timeout) => return Err(SourceError::ReadyTimeout(self.config.ready_timeout)),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(SourceError::ReadyTimeout(self.config.ready_timeout))
+                }
                 Err(RecvTimeoutError::Disconnected) => {
-                    return Err(SourceError::Destination("the return path ended before ready".into()))
+                    return Err(SourceError::Destination(
+                        "the return path ended before ready".into(),
+                    ))
                 }
             };
             match msg {
                 ReturnMsg::Record(ReturnRepr::Ready) => return Ok(()),
-                ReturnMsg::Record(ReturnRepr::Resend { region, first, count }) => {
-                    let r = regions
-                        .get(usize::from(region))
-                        .ok_or_else(|| SourceError::Destination(format!("asked to resend pages of unknown region {region}")))?;
-                    // SAFETY: the guest is paused: nothing writes these pages.
-                    let bytes = unsafe { r.pages_slice(first, u64::from(count)) }.ok_or_else(|| {
-                        SourceError::Destination(format!("asked to resend pages {first}+{count} outside region {region}"))
+                ReturnMsg::Record(r @ ReturnRepr::Resend { .. }) if fold.is_some() => {
+                    if let Some(b) = fold.as_deref_mut() {
+                        self.apply_return(r, b, report)?;
+                    }
+                }
+                ReturnMsg::Record(ReturnRepr::Resend {
+                    region,
+                    first,
+                    count,
+                }) => {
+                    let r = regions.get(usize::from(region)).ok_or_else(|| {
+                        SourceError::Destination(format!(
+                            "asked to resend pages of unknown region {region}"
+                        ))
                     })?;
+                    // SAFETY: the guest is paused: nothing writes these pages.
+                    let bytes =
+                        unsafe { r.pages_slice(first, u64::from(count)) }.ok_or_else(|| {
+                            SourceError::Destination(format!(
+                                "asked to resend pages {first}+{count} outside region {region}"
+                            ))
+                        })?;
                     let mut header = [0u8; HEADER_LEN];
                     self.ctl_enc
-                        .encode(&Repr::PageRun { region, first, count, requested: false }, bytes, &mut header)
+                        .encode(
+                            &Repr::PageRun {
+                                region,
+                                first,
+                                count,
+                                requested: false,
+                            },
+                            bytes,
+                            &mut header,
+                        )
                         .map_err(SourceError::Emit)?;
                     self.ctl
                         .send(&[OutRecord {
@@ -672,7 +1078,10 @@ impl<'r, 'm> Source<'r, 'm> {
                             },
                         }])
                         .and_then(|_| self.ctl.flush())
-                        .map_err(|source| SourceError::Transport { channel: "control".into(), source })?;
+                        .map_err(|source| SourceError::Transport {
+                            channel: "control".into(),
+                            source,
+                        })?;
                     report.pages_resent += u64::from(count);
                 }
                 ReturnMsg::Record(other) => {
@@ -687,8 +1096,8 @@ impl<'r, 'm> Source<'r, 'm> {
 
 /// Re-arms and hands out every dirty page in `bitmaps`, clearing them;
 /// returns the bytes handed out (payload plus headers).
-fn dispatch<T: DirtyTracker>(
-    tracker: &mut T,
+fn dispatch(
+    mut tracker: Option<&mut dyn DirtyTracker>,
     bitmaps: &mut [Vec<u64>],
     pages: &[u64],
     jobs: &[SyncSender<Job>],
@@ -708,14 +1117,18 @@ fn dispatch<T: DirtyTracker>(
             let first_page = (c * CHUNK_WORDS * 64) as u64;
             // Re-arm exactly these pages before reading them: a write that
             // races the send is caught by the next sync.
-            tracker.clear_mask(r, first_page, chunk)?;
+            if let Some(t) = tracker.as_deref_mut() {
+                t.clear_mask(r, first_page, chunk)?;
+            }
             let chunk_pages = (region_pages - first_page).min((CHUNK_WORDS * 64) as u64) as usize;
             let mut bm = DirtyBitmap::new(chunk, chunk_pages)
                 .map_err(|e| SourceError::Destination(format!("{e:?}")))?;
             let mut at = 0usize;
             while let Some(run) = bm.take_run(at, max_run as usize) {
                 at = run.end();
-                for (ch, first, count) in share_out(first_page + run.first as u64, run.len as u64, n) {
+                for (ch, first, count) in
+                    share_out(first_page + run.first as u64, run.len as u64, n)
+                {
                     bytes += count * PAGE_SIZE + HEADER_LEN as u64;
                     batches[ch].push(PageWork {
                         region: r as u16,
@@ -774,7 +1187,9 @@ struct Pacer {
 impl Pacer {
     fn wait(&mut self, bytes: u64) {
         self.sent += bytes;
-        let due = Duration::from_nanos((u128::from(self.sent) * 1_000_000_000 / u128::from(self.rate.max(1))) as u64);
+        let due = Duration::from_nanos(
+            (u128::from(self.sent) * 1_000_000_000 / u128::from(self.rate.max(1))) as u64,
+        );
         let el = self.start.elapsed();
         if due > el {
             std::thread::sleep(due - el);
@@ -794,12 +1209,55 @@ fn sender_thread(
     let mut stats = SenderStats::default();
     let mut recs: Vec<OutRecord<'static>> = Vec::with_capacity(BATCH * 2);
     let checksums = neg.caps.payload_checksums;
-    let mut pacer = cap.map(|rate| Pacer { rate, start: Instant::now(), sent: 0 });
+    let mut pacer = cap.map(|rate| Pacer {
+        rate,
+        start: Instant::now(),
+        sent: 0,
+    });
     let fail = |what: &str, e: &dyn std::fmt::Display| format!("bulk channel {index}: {what}: {e}");
     let mut ended = false;
     while let Ok(job) = jobs.recv() {
         match job {
-            Job::Pages(work) => {
+            Job::Discard(runs) => {
+                recs.clear();
+                for (region, first, count) in runs {
+                    let mut header = [0u8; HEADER_LEN];
+                    enc.encode_with_crc(
+                        &Repr::Discard {
+                            region,
+                            first,
+                            count,
+                        },
+                        0,
+                        &mut header,
+                    )
+                    .map_err(|e| fail("encoding", &e))?;
+                    recs.push(OutRecord {
+                        header,
+                        payload: Payload::None,
+                    });
+                    stats.bytes += HEADER_LEN as u64;
+                }
+                chan.send(&recs).map_err(|e| fail("send", &e))?;
+            }
+            Job::Marker => {
+                let mut header = [0u8; HEADER_LEN];
+                enc.encode_with_crc(&Repr::PostcopyListen, 0, &mut header)
+                    .map_err(|e| fail("encoding", &e))?;
+                chan.send(&[OutRecord {
+                    header,
+                    payload: Payload::None,
+                }])
+                .and_then(|_| chan.flush())
+                .map_err(|e| fail("switchover marker", &e))?;
+                stats.bytes += HEADER_LEN as u64;
+            }
+            job @ (Job::Pages(_) | Job::Requested(_)) => {
+                let (work, requested) = match job {
+                    Job::Requested(w) => (vec![w], true),
+                    Job::Pages(w) => (w, false),
+                    _ => (Vec::new(), false),
+                };
                 recs.clear();
                 let mut batch_bytes = 0u64;
                 for w in work {
@@ -809,9 +1267,20 @@ fn sender_thread(
                     let mut push = |first: u64, count: u32, zero: bool| -> Result<(), String> {
                         let mut header = [0u8; HEADER_LEN];
                         if zero {
-                            enc.encode_with_crc(&Repr::ZeroRun { region: w.region, first, count }, 0, &mut header)
-                                .map_err(|e| fail("encoding", &e))?;
-                            recs.push(OutRecord { header, payload: Payload::None });
+                            enc.encode_with_crc(
+                                &Repr::ZeroRun {
+                                    region: w.region,
+                                    first,
+                                    count,
+                                },
+                                0,
+                                &mut header,
+                            )
+                            .map_err(|e| fail("encoding", &e))?;
+                            recs.push(OutRecord {
+                                header,
+                                payload: Payload::None,
+                            });
                             stats.zero_pages += u64::from(count);
                             stats.bytes += HEADER_LEN as u64;
                             batch_bytes += HEADER_LEN as u64;
@@ -827,12 +1296,25 @@ fn sender_thread(
                             } else {
                                 0
                             };
-                            enc.encode_with_crc(&Repr::PageRun { region: w.region, first, count, requested: false }, crc, &mut header)
-                                .map_err(|e| fail("encoding", &e))?;
+                            enc.encode_with_crc(
+                                &Repr::PageRun {
+                                    region: w.region,
+                                    first,
+                                    count,
+                                    requested,
+                                },
+                                crc,
+                                &mut header,
+                            )
+                            .map_err(|e| fail("encoding", &e))?;
                             let len = u64::from(count) * PAGE_SIZE;
                             recs.push(OutRecord {
                                 header,
-                                payload: Payload::Guest { region: u32::from(w.region), offset: first * PAGE_SIZE, len },
+                                payload: Payload::Guest {
+                                    region: u32::from(w.region),
+                                    offset: first * PAGE_SIZE,
+                                    len,
+                                },
                             });
                             stats.pages += u64::from(count);
                             stats.bytes += len + HEADER_LEN as u64;
@@ -858,6 +1340,9 @@ fn sender_thread(
                     }
                 }
                 chan.send(&recs).map_err(|e| fail("send", &e))?;
+                if requested {
+                    chan.flush().map_err(|e| fail("flush", &e))?;
+                }
                 if let Some(p) = pacer.as_mut() {
                     p.wait(batch_bytes);
                 }
@@ -872,10 +1357,14 @@ fn sender_thread(
             }
             Job::End => {
                 let mut header = [0u8; HEADER_LEN];
-                enc.encode_with_crc(&Repr::End, 0, &mut header).map_err(|e| fail("encoding", &e))?;
-                chan.send(&[OutRecord { header, payload: Payload::None }])
-                    .and_then(|_| chan.flush())
-                    .map_err(|e| fail("end of stream", &e))?;
+                enc.encode_with_crc(&Repr::End, 0, &mut header)
+                    .map_err(|e| fail("encoding", &e))?;
+                chan.send(&[OutRecord {
+                    header,
+                    payload: Payload::None,
+                }])
+                .and_then(|_| chan.flush())
+                .map_err(|e| fail("end of stream", &e))?;
                 stats.bytes += HEADER_LEN as u64;
                 ended = true;
                 break;
@@ -887,5 +1376,208 @@ fn sender_thread(
     } else {
         // The migration gave up: close without an end record.
         Ok(stats)
+    }
+}
+
+fn join_senders_list(
+    senders: Vec<std::thread::ScopedJoinHandle<'_, Result<SenderStats, String>>>,
+) -> Result<SenderStats, SourceError> {
+    let mut total = SenderStats::default();
+    let mut first_err = None;
+    for h in senders {
+        match h.join() {
+            Ok(Ok(s)) => {
+                total.bytes += s.bytes;
+                total.pages += s.pages;
+                total.zero_pages += s.zero_pages;
+            }
+            Ok(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            Err(_) => {
+                first_err.get_or_insert("a sender thread panicked".to_string());
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(SourceError::Thread(e)),
+        None => Ok(total),
+    }
+}
+
+/// Sends every dirty run of `bitmaps` as discard records, each on its
+/// page's bulk channel; returns the pages discarded. The bitmaps stay as
+/// they are: they are what the background stream sends.
+fn send_discards(bitmaps: &[Vec<u64>], jobs: &[SyncSender<Job>]) -> Result<u64, SourceError> {
+    let n = jobs.len();
+    let mut batches: Vec<Vec<(u16, u64, u32)>> = (0..n).map(|_| Vec::new()).collect();
+    let mut total = 0u64;
+    for (r, words) in bitmaps.iter().enumerate() {
+        let mut p = 0u64;
+        let end = words.len() as u64 * 64;
+        while p < end {
+            let w = words[(p / 64) as usize];
+            if w == 0 && p % 64 == 0 {
+                p += 64;
+                continue;
+            }
+            if w & (1 << (p % 64)) == 0 {
+                p += 1;
+                continue;
+            }
+            let start = p;
+            while p < end
+                && words[(p / 64) as usize] & (1 << (p % 64)) != 0
+                && p - start < u64::from(MAX_RUN_PAGES)
+            {
+                p += 1;
+            }
+            total += p - start;
+            for (ch, first, count) in share_out(start, p - start, n) {
+                batches[ch].push((r as u16, first, count as u32));
+            }
+        }
+    }
+    for (ch, b) in batches.into_iter().enumerate() {
+        if !b.is_empty() {
+            jobs[ch]
+                .send(Job::Discard(b))
+                .map_err(|_| SourceError::Thread("a sender thread stopped".into()))?;
+        }
+    }
+    Ok(total)
+}
+
+/// Words of bitmap handed to the senders at a time in the background
+/// stream (4096 pages, 16 MiB), so that progress can be reported.
+const STEP_WORDS: usize = 64;
+
+/// Streams every page set in `bitmaps` (clearing them), a step at a time,
+/// calling `progress` with the pages handed out so far at most every 100 ms.
+fn stream_background(
+    bitmaps: &mut [Vec<u64>],
+    pages: &[u64],
+    jobs: &[SyncSender<Job>],
+    max_run: u32,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(), SourceError> {
+    let mut step: Vec<Vec<u64>> = bitmaps.iter().map(|b| vec![0u64; b.len()]).collect();
+    let mut done = 0u64;
+    let mut last = Instant::now();
+    for r in 0..bitmaps.len() {
+        let words = bitmaps[r].len();
+        let mut at = 0;
+        while at < words {
+            let end = (at + STEP_WORDS).min(words);
+            let src = &mut bitmaps[r][at..end];
+            if src.iter().all(|w| *w == 0) {
+                at = end;
+                continue;
+            }
+            done += count_bits(src);
+            step[r][at..end].copy_from_slice(src);
+            src.fill(0);
+            // `dispatch` clears what it hands out.
+            dispatch(None, &mut step, pages, jobs, max_run, false)?;
+            if last.elapsed() >= Duration::from_millis(100) {
+                progress(done);
+                last = Instant::now();
+            }
+            at = end;
+        }
+    }
+    Ok(())
+}
+
+/// The bitmaps' words as little-endian bytes.
+fn words_bytes(bitmaps: &[Vec<u64>]) -> Vec<u8> {
+    bitmaps
+        .iter()
+        .flat_map(|b| b.iter().flat_map(|w| w.to_le_bytes()))
+        .collect()
+}
+
+/// Counters of the urgent server.
+#[derive(Debug, Default)]
+struct UrgentStats {
+    requests: std::sync::atomic::AtomicU64,
+    pages: std::sync::atomic::AtomicU64,
+}
+
+/// Serves page requests from the paused guest's memory, ahead of the
+/// background stream: each request is answered at once on the urgent
+/// connection (or, as a benchmark baseline, queued on the page's bulk
+/// channel). Ends when the connection does.
+fn urgent_server(
+    mut reader: link::Conn,
+    mut writer: link::Conn,
+    ram: &Ram<'_>,
+    neg: Negotiated,
+    via_bulk: Option<Vec<SyncSender<Job>>>,
+    stats: &UrgentStats,
+) -> Result<(), String> {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    crate::postcopy::prioritise_urgent_thread();
+    let mut dec = ferry_core::wire::ReturnDecoder::new(neg);
+    let mut enc = StreamEncoder::new(&neg);
+    let mut out: Vec<u8> = Vec::with_capacity(HEADER_LEN + 64 * PAGE_SIZE as usize);
+    loop {
+        let rec = match link::read_return(&mut reader, &mut dec) {
+            Ok(r) => r,
+            // The end of the connection is how the server is stopped.
+            Err(link::ReturnReadError::Io(_)) => return Ok(()),
+            Err(link::ReturnReadError::Decode(e)) => {
+                return Err(format!("a page request did not decode: {e}"))
+            }
+        };
+        let ReturnRepr::PageRequest {
+            region,
+            first,
+            count,
+        } = rec.repr
+        else {
+            return Err(format!("unexpected {:?} on the urgent channel", rec.repr));
+        };
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        stats.pages.fetch_add(u64::from(count), Ordering::Relaxed);
+        if let Some(jobs) = via_bulk.as_ref() {
+            let ch = link::channel_of(first, jobs.len());
+            let work = PageWork {
+                region,
+                first,
+                count,
+                detect_zero: false,
+            };
+            if jobs[ch].send(Job::Requested(work)).is_ok() {
+                continue;
+            }
+            // The background stream has ended: answer directly.
+        }
+        let r = ram
+            .region(region)
+            .ok_or_else(|| format!("a request for unknown region {region}"))?;
+        // SAFETY: the guest is paused on this side: nothing writes its pages.
+        let bytes = unsafe { r.pages_slice(first, u64::from(count)) }.ok_or_else(|| {
+            format!("a request for pages {first}+{count} outside region {region}")
+        })?;
+        let mut header = [0u8; HEADER_LEN];
+        enc.encode(
+            &Repr::PageRun {
+                region,
+                first,
+                count,
+                requested: true,
+            },
+            bytes,
+            &mut header,
+        )
+        .map_err(|e| format!("encoding a reply: {e}"))?;
+        out.clear();
+        out.extend_from_slice(&header);
+        out.extend_from_slice(bytes);
+        if let Err(e) = writer.write_all(&out) {
+            return Err(format!("sending a reply: {e}"));
+        }
     }
 }

@@ -24,7 +24,10 @@ fn demo(args: &[&str]) -> serde_json::Value {
     eprintln!("stderr:\n{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_str(&stdout)
         .unwrap_or_else(|e| panic!("ferry demo printed no JSON report ({e}):\n{stdout}"));
-    assert!(out.status.success() || report["ok"] == false, "exit status and report disagree");
+    assert!(
+        out.status.success() || report["ok"] == false,
+        "exit status and report disagree"
+    );
     report
 }
 
@@ -34,16 +37,37 @@ fn a_kvm_guest_migrates_while_dirtying_and_verifies_on_the_destination() {
         return;
     }
     for transport in ["uring", "std"] {
-        let r = demo(&["--mem", "256M", "--dirty-rate", "40M", "--vcpus", "2", "--transport", transport]);
+        let r = demo(&[
+            "--mem",
+            "256M",
+            "--dirty-rate",
+            "40M",
+            "--vcpus",
+            "2",
+            "--transport",
+            transport,
+        ]);
         assert_eq!(r["ok"], true, "{r:#}");
         let d = &r["destination"];
         assert_eq!(d["verify_mismatches"], 0, "{r:#}");
-        assert_eq!(d["verify_pages_checked"].as_u64().map(|n| n > 60_000), Some(true), "{r:#}");
-        assert!(d["pages_dirtied_here"].as_u64().unwrap_or(0) > 0, "the guest runs on after migration: {r:#}");
+        assert_eq!(
+            d["verify_pages_checked"].as_u64().map(|n| n > 60_000),
+            Some(true),
+            "{r:#}"
+        );
+        assert!(
+            d["pages_dirtied_here"].as_u64().unwrap_or(0) > 0,
+            "the guest runs on after migration: {r:#}"
+        );
         let downtime = r["downtime_ms"].as_f64().expect("downtime");
-        assert!(downtime > 0.0 && downtime < 300.0, "downtime {downtime} ms within the 300 ms limit");
+        assert!(
+            downtime > 0.0 && downtime < 300.0,
+            "downtime {downtime} ms within the 300 ms limit"
+        );
         let s = &r["source"];
-        assert!(s["pages_sent"].as_u64().unwrap_or(0) + s["zero_pages"].as_u64().unwrap_or(0) >= 65_536);
+        assert!(
+            s["pages_sent"].as_u64().unwrap_or(0) + s["zero_pages"].as_u64().unwrap_or(0) >= 65_536
+        );
     }
 }
 
@@ -54,15 +78,35 @@ fn a_destination_with_other_ram_is_refused_and_the_guest_stays() {
     }
     // The receiving side is started by hand with less RAM than the sender.
     let mut rx = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["receive", "--listen", "127.0.0.1:0", "--mem", "128M", "--json"])
+        .args([
+            "receive",
+            "--listen",
+            "127.0.0.1:0",
+            "--mem",
+            "128M",
+            "--json",
+        ])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("start ferry receive");
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(rx.stdout.take().expect("stdout")));
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(rx.stdout.take().expect("stdout")));
     let first = lines.next().expect("a line").expect("utf-8");
-    let addr = first.strip_prefix("listening tcp:").expect("listening line").to_string();
+    let addr = first
+        .strip_prefix("listening tcp:")
+        .expect("listening line")
+        .to_string();
     let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["send", "--to", &addr, "--mem", "256M", "--dirty-rate", "10M", "--json"])
+        .args([
+            "send",
+            "--to",
+            &addr,
+            "--mem",
+            "256M",
+            "--dirty-rate",
+            "10M",
+            "--json",
+        ])
         .output()
         .expect("run ferry send");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
@@ -70,9 +114,19 @@ fn a_destination_with_other_ram_is_refused_and_the_guest_stays() {
     assert_eq!(report["ok"], false);
     let err = report["error"].as_str().unwrap_or_default();
     assert!(err.contains("refused"), "{err}");
-    let dest_line = lines.map_while(Result::ok).find(|l| l.starts_with("report ")).expect("destination report");
-    let dest: serde_json::Value = serde_json::from_str(&dest_line["report ".len()..]).expect("json");
+    let dest_line = lines
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("report "))
+        .expect("destination report");
+    let dest: serde_json::Value =
+        serde_json::from_str(&dest_line["report ".len()..]).expect("json");
     assert_eq!(dest["go_received"], false);
-    assert!(dest["error"].as_str().unwrap_or_default().contains("region"), "{dest}");
+    assert!(
+        dest["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("region"),
+        "{dest}"
+    );
     let _ = rx.wait();
 }

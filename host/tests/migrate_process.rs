@@ -12,7 +12,9 @@ use ferry_host::destination::{self, DestinationErrorKind};
 use ferry_host::dirty::{ProcessRegion, UffdWpTracker};
 use ferry_host::link::{Endpoint, Listener};
 use ferry_host::memory::{GuestMemory, MemoryOptions};
-use ferry_host::migration::{CallbackError, DeviceSection, GuestControl, GuestStarter, SourceConfig};
+use ferry_host::migration::{
+    CallbackError, DeviceSection, GuestControl, GuestStarter, SourceConfig,
+};
 use ferry_host::ram::{Ram, PAGE_SIZE};
 use ferry_host::source::{self, SourceError, SourceLink};
 use ferry_uring::{RecvStrategy, Transport, UringConfig};
@@ -107,9 +109,15 @@ impl GuestControl for Writer {
     fn device_state(&mut self) -> Result<Vec<DeviceSection>, CallbackError> {
         let big: Vec<u8> = (0..3 * MIB as usize).map(|i| (i * 7 % 251) as u8).collect();
         Ok(vec![
-            DeviceSection { id: 1, bytes: b"registers of the writer".to_vec() },
+            DeviceSection {
+                id: 1,
+                bytes: b"registers of the writer".to_vec(),
+            },
             DeviceSection { id: 2, bytes: big },
-            DeviceSection { id: 3, bytes: Vec::new() },
+            DeviceSection {
+                id: 3,
+                bytes: Vec::new(),
+            },
         ])
     }
 }
@@ -139,7 +147,13 @@ fn fill(mem: &GuestMemory) {
                 continue;
             }
             // SAFETY: inside the mapping.
-            unsafe { std::ptr::write_bytes(p.add((page * PAGE_SIZE) as usize), (page % 250 + 1) as u8, PAGE_SIZE as usize) };
+            unsafe {
+                std::ptr::write_bytes(
+                    p.add((page * PAGE_SIZE) as usize),
+                    (page % 250 + 1) as u8,
+                    PAGE_SIZE as usize,
+                )
+            };
         }
     }
 }
@@ -197,14 +211,28 @@ fn migrate_under_writes(transport: Transport, channels: usize, endpoint: Endpoin
             let mut starter = Starter::default();
             destination::receive(&listener, &dst_ram, &mut starter, transport).map(|r| (r, starter))
         });
-        let link = SourceLink { endpoint: endpoint.clone(), transport, bulk_channels: channels };
-        let config = SourceConfig { give_up_after: Some(Duration::from_secs(60)), ..SourceConfig::default() };
+        let link = SourceLink {
+            endpoint: endpoint.clone(),
+            transport,
+            bulk_channels: channels,
+        };
+        let config = SourceConfig {
+            give_up_after: Some(Duration::from_secs(60)),
+            ..SourceConfig::default()
+        };
         let mut rounds = 0;
-        let report = source::migrate(&src_ram, &mut tracker, &mut writer, &config, &link, &mut |e| {
-            if let ferry_host::migration::Event::Round(p) = e {
-                rounds = p.round;
-            }
-        });
+        let report = source::migrate(
+            &src_ram,
+            &mut tracker,
+            &mut writer,
+            &config,
+            &link,
+            &mut |e| {
+                if let ferry_host::migration::Event::Round(p) = e {
+                    rounds = p.round;
+                }
+            },
+        );
         (report, dst.join().expect("destination thread"))
     });
     let report = report.expect("the migration succeeds");
@@ -212,13 +240,20 @@ fn migrate_under_writes(transport: Transport, channels: usize, endpoint: Endpoin
     // The guest stayed paused after go: the source memory is final.
     assert_eq!(writer.pauses.load(Ordering::Relaxed), 1);
     assert_eq!(writer.resumes.load(Ordering::Relaxed), 0);
-    assert!(writer.written.load(Ordering::Relaxed) > 0, "the writer wrote while migrating");
+    assert!(
+        writer.written.load(Ordering::Relaxed) > 0,
+        "the writer wrote while migrating"
+    );
     same_bytes(&src_mem, &dst_mem).expect("destination RAM equals source RAM");
     assert_eq!(starter.sections.len(), 3);
     assert_eq!(starter.sections[0].bytes, b"registers of the writer");
     assert_eq!(starter.sections[1].bytes.len(), 3 * MIB as usize);
     assert!(starter.sections[2].bytes.is_empty());
-    assert!(report.zero_pages >= 96 * MIB / PAGE_SIZE / 8 - 600, "zero pages sent as zero runs: {}", report.zero_pages);
+    assert!(
+        report.zero_pages >= 96 * MIB / PAGE_SIZE / 8 - 600,
+        "zero pages sent as zero runs: {}",
+        report.zero_pages
+    );
     assert!(dst_report.resumed_at_ns >= report.paused_at_ns);
     assert!(report.pages_sent + report.zero_pages >= 96 * MIB / PAGE_SIZE);
 }
@@ -235,7 +270,8 @@ fn process_memory_migrates_byte_exact_under_writes() {
 fn two_bulk_channels_over_unix_sockets() {
     for (name, t) in transports() {
         eprintln!("transport {name}");
-        let path = std::env::temp_dir().join(format!("ferry-test-{}-{name}.sock", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("ferry-test-{}-{name}.sock", std::process::id()));
         migrate_under_writes(t, 2, Endpoint::Unix(path));
     }
 }
@@ -250,12 +286,30 @@ fn layout_mismatch_is_refused_and_the_source_is_unharmed() {
     let endpoint = listener.local_endpoint().expect("endpoint");
     let (src_ram, dst_ram) = (Ram::from_memory(&src_mem), Ram::from_memory(&dst_mem));
     let mut tracker = tracker_for(&src_mem);
-    let mut writer = Writer::start(src_mem.regions()[0].host_ptr() as usize, (64 * MIB) as usize, 1, 64);
+    let mut writer = Writer::start(
+        src_mem.regions()[0].host_ptr() as usize,
+        (64 * MIB) as usize,
+        1,
+        64,
+    );
     let transport = Transport::Uring(UringConfig::default());
     let (src, dst) = thread::scope(|s| {
-        let dst = s.spawn(|| destination::receive(&listener, &dst_ram, &mut Starter::default(), transport));
-        let link = SourceLink { endpoint, transport, bulk_channels: 1 };
-        let src = source::migrate(&src_ram, &mut tracker, &mut writer, &SourceConfig::default(), &link, &mut |_| {});
+        let dst = s.spawn(|| {
+            destination::receive(&listener, &dst_ram, &mut Starter::default(), transport)
+        });
+        let link = SourceLink {
+            endpoint,
+            transport,
+            bulk_channels: 1,
+        };
+        let src = source::migrate(
+            &src_ram,
+            &mut tracker,
+            &mut writer,
+            &SourceConfig::default(),
+            &link,
+            &mut |_| {},
+        );
         (src, dst.join().expect("destination thread"))
     });
     let err = src.expect_err("the source must fail");
@@ -265,7 +319,10 @@ fn layout_mismatch_is_refused_and_the_source_is_unharmed() {
     let derr = dst.expect_err("the destination must fail");
     assert!(!derr.go_received);
     assert!(matches!(derr.kind, DestinationErrorKind::Link(_)), "{derr}");
-    assert!(derr.to_string().contains("region"), "the error names the region: {derr}");
+    assert!(
+        derr.to_string().contains("region"),
+        "the error names the region: {derr}"
+    );
     assert_eq!(writer.pauses.load(Ordering::Relaxed), 0);
 }
 
@@ -279,7 +336,12 @@ fn destination_lost_mid_precopy_leaves_the_source_running() {
     let endpoint = listener.local_endpoint().expect("endpoint");
     let src_ram = Ram::from_memory(&src_mem);
     let mut tracker = tracker_for(&src_mem);
-    let mut writer = Writer::start(src_mem.regions()[0].host_ptr() as usize, (256 * MIB) as usize, 8, 4096);
+    let mut writer = Writer::start(
+        src_mem.regions()[0].host_ptr() as usize,
+        (256 * MIB) as usize,
+        8,
+        4096,
+    );
     let transport = Transport::Uring(UringConfig::default());
     let before = writer.written.load(Ordering::Relaxed);
     let src = thread::scope(|s| {
@@ -289,7 +351,12 @@ fn destination_lost_mid_precopy_leaves_the_source_running() {
             let mut ctl = listener.accept().expect("accept");
             let layout = src_ram.layout().expect("layout");
             let ours = ferry_core::wire::Hello::new(
-                ferry_core::wire::Capabilities { postcopy_ram: false, postcopy_only_sections: false, payload_checksums: true, channels: 2 },
+                ferry_core::wire::Capabilities {
+                    postcopy_ram: false,
+                    postcopy_only_sections: false,
+                    payload_checksums: true,
+                    channels: 2,
+                },
                 layout,
             );
             let ret = ferry_host::link::ReturnWriter::new(ctl.try_clone().expect("clone"));
@@ -303,15 +370,29 @@ fn destination_lost_mid_precopy_leaves_the_source_running() {
             bulk.shutdown();
             ctl.shutdown();
         });
-        let link = SourceLink { endpoint, transport, bulk_channels: 1 };
-        source::migrate(&src_ram, &mut tracker, &mut writer, &SourceConfig::default(), &link, &mut |_| {})
+        let link = SourceLink {
+            endpoint,
+            transport,
+            bulk_channels: 1,
+        };
+        source::migrate(
+            &src_ram,
+            &mut tracker,
+            &mut writer,
+            &SourceConfig::default(),
+            &link,
+            &mut |_| {},
+        )
     });
     let err = src.expect_err("the source must fail");
     eprintln!("source error: {err}");
     assert!(!matches!(err, SourceError::AfterGo(_)));
     assert_eq!(writer.pauses.load(Ordering::Relaxed), 0, "never paused");
     thread::sleep(Duration::from_millis(50));
-    assert!(writer.written.load(Ordering::Relaxed) > before, "the guest keeps running");
+    assert!(
+        writer.written.load(Ordering::Relaxed) > before,
+        "the guest keeps running"
+    );
 }
 
 /// A guest that dirties faster than the (capped) link: the migration gives
@@ -327,18 +408,36 @@ fn a_guest_faster_than_the_link_does_not_converge() {
     let (src_ram, dst_ram) = (Ram::from_memory(&src_mem), Ram::from_memory(&dst_mem));
     let mut tracker = tracker_for(&src_mem);
     // ~64 pages/ms = 256 MB/s over 16 Ki hot pages, against a 16 MB/s link.
-    let mut writer = Writer::start(src_mem.regions()[0].host_ptr() as usize, (64 * MIB) as usize, 64, 16 * 1024);
+    let mut writer = Writer::start(
+        src_mem.regions()[0].host_ptr() as usize,
+        (64 * MIB) as usize,
+        64,
+        16 * 1024,
+    );
     let transport = Transport::Uring(UringConfig::default());
     let (src, dst) = thread::scope(|s| {
-        let dst = s.spawn(|| destination::receive(&listener, &dst_ram, &mut Starter::default(), transport));
-        let link = SourceLink { endpoint, transport, bulk_channels: 1 };
+        let dst = s.spawn(|| {
+            destination::receive(&listener, &dst_ram, &mut Starter::default(), transport)
+        });
+        let link = SourceLink {
+            endpoint,
+            transport,
+            bulk_channels: 1,
+        };
         let config = SourceConfig {
             bandwidth_cap: Some(16 * MIB),
             give_up_after: Some(Duration::from_secs(8)),
             downtime_limit: Duration::from_millis(50),
             ..SourceConfig::default()
         };
-        let src = source::migrate(&src_ram, &mut tracker, &mut writer, &config, &link, &mut |_| {});
+        let src = source::migrate(
+            &src_ram,
+            &mut tracker,
+            &mut writer,
+            &config,
+            &link,
+            &mut |_| {},
+        );
         (src, dst.join().expect("destination thread"))
     });
     let err = src.expect_err("the migration must not complete");

@@ -53,7 +53,9 @@ fn raw_ceiling(secs: f64) -> std::io::Result<f64> {
         w.write_all(&buf)?;
     }
     drop(w);
-    let (total, el) = reader.join().map_err(|_| std::io::Error::other("reader panicked"))??;
+    let (total, el) = reader
+        .join()
+        .map_err(|_| std::io::Error::other("reader panicked"))??;
     Ok(total as f64 / el.as_secs_f64())
 }
 
@@ -67,10 +69,26 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let get = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
-    let runs: usize = get("--runs").and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
-    let sizes: Vec<u64> = get("--sizes").unwrap_or_else(|| "1G,4G".into()).split(',').filter_map(parse_size).collect();
-    let rates: Vec<u64> = get("--rates").unwrap_or_else(|| "0,50M,200M".into()).split(',').filter_map(parse_size).collect();
+    let get = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let runs: usize = get("--runs")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    let sizes: Vec<u64> = get("--sizes")
+        .unwrap_or_else(|| "1G,4G".into())
+        .split(',')
+        .filter_map(parse_size)
+        .collect();
+    let rates: Vec<u64> = get("--rates")
+        .unwrap_or_else(|| "0,50M,200M".into())
+        .split(',')
+        .filter_map(parse_size)
+        .collect();
     let json_out = args.iter().any(|a| a == "--json");
     let ferry = match std::env::current_exe() {
         Ok(p) => p.with_file_name("ferry"),
@@ -104,11 +122,26 @@ fn main() {
                     Ok(c) => ceiling.push(c),
                     Err(e) => eprintln!("migrate_bench: raw ceiling failed: {e}"),
                 }
-                eprintln!("migrate_bench: {} GiB guest dirtying {} MB/s, run {}/{}", size >> 30, rate >> 20, run + 1, runs);
+                eprintln!(
+                    "migrate_bench: {} GiB guest dirtying {} MB/s, run {}/{}",
+                    size >> 30,
+                    rate >> 20,
+                    run + 1,
+                    runs
+                );
                 let out = Command::new(&ferry)
-                    .args(["demo", "--json", "--mem", &size.to_string(), "--dirty-rate", &rate.to_string()])
+                    .args([
+                        "demo",
+                        "--json",
+                        "--mem",
+                        &size.to_string(),
+                        "--dirty-rate",
+                        &rate.to_string(),
+                    ])
                     .output();
-                let r: Option<Value> = out.ok().and_then(|o| serde_json::from_slice(&o.stdout).ok());
+                let r: Option<Value> = out
+                    .ok()
+                    .and_then(|o| serde_json::from_slice(&o.stdout).ok());
                 match r {
                     Some(r) if r["ok"] == true => {
                         total_s.push(r["source"]["total_ns"].as_f64().unwrap_or(f64::NAN) / 1e9);
@@ -148,11 +181,27 @@ fn main() {
     }
 
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&json!({ "downtime_limit_ms": 300, "rows": rows })).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "downtime_limit_ms": 300, "rows": rows }))
+                .unwrap_or_default()
+        );
         return;
     }
     println!("End-to-end live migration, `ferry demo` (io_uring, 1 bulk channel, downtime limit 300 ms), medians of {runs} runs");
-    println!("{:>6} {:>9} {:>9} {:>12} {:>12} {:>11} {:>11} {:>8} {:>7} {:>6}", "guest", "dirty", "total s", "downtime ms", "worst ms", "GB/s", "raw GB/s", "% raw", "rounds", "fails");
+    println!(
+        "{:>6} {:>9} {:>9} {:>12} {:>12} {:>11} {:>11} {:>8} {:>7} {:>6}",
+        "guest",
+        "dirty",
+        "total s",
+        "downtime ms",
+        "worst ms",
+        "GB/s",
+        "raw GB/s",
+        "% raw",
+        "rounds",
+        "fails"
+    );
     for r in &rows {
         println!(
             "{:>4}Gi {:>6}M/s {:>9.2} {:>12.2} {:>12.2} {:>11.2} {:>11.2} {:>7.0}% {:>7.0} {:>6}",

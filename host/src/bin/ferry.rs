@@ -18,13 +18,18 @@ use ferry_host::destination;
 use ferry_host::kvm_guest::{self, IncomingGuest, SourceGuest};
 use ferry_host::link::{Endpoint, Listener};
 use ferry_host::migration::{monotonic_ns, DestinationReport, Event, SourceConfig, SourceReport};
+use ferry_host::postcopy::{DestinationPostcopyReport, PostcopyHandle};
 use ferry_host::ram::Ram;
 use ferry_host::source::{self, SourceLink};
 use ferry_host::vmm::{VerifyReport, Vm, VmConfig};
 use ferry_uring::{RecvStrategy, Transport, UringConfig};
 
 #[derive(Parser, Debug)]
-#[command(name = "ferry", version, about = "Live migration of a running KVM guest's memory, precopy over io_uring.")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Live migration of a running KVM guest's memory, precopy over io_uring."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -71,6 +76,11 @@ struct GuestArgs {
     /// vCPUs; each dirties its share of the pages.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
+    /// Back guest RAM with memfds: in postcopy the destination receives
+    /// pages in place through a second mapping and maps them with
+    /// UFFDIO_CONTINUE (instead of UFFDIO_COPY into anonymous memory).
+    #[arg(long)]
+    memfd: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -96,6 +106,22 @@ struct MigrateArgs {
     /// Print the final report as JSON on stdout (progress stays off).
     #[arg(long)]
     json: bool,
+    /// Postcopy after precopy: negotiate postcopy-ram and switch the guest
+    /// over after the first full pass; missing pages are fetched on fault.
+    #[arg(long)]
+    postcopy: bool,
+    /// Negotiate postcopy-ram but switch only when asked: send SIGUSR1 to
+    /// this process mid-migration.
+    #[arg(long)]
+    allow_postcopy: bool,
+    /// Keep a snapshot dirty bitmap and migrate it as a postcopy-only
+    /// section (with --postcopy-sections it streams after the guest resumes;
+    /// without, it goes in the downtime).
+    #[arg(long)]
+    snapshot_bitmap: bool,
+    /// Negotiate the postcopy-only-sections capability.
+    #[arg(long)]
+    postcopy_sections: bool,
 }
 
 #[derive(Args, Debug)]
@@ -136,6 +162,10 @@ struct ReceiveArgs {
     /// Print the report as one JSON line on stdout.
     #[arg(long)]
     json: bool,
+    /// Accept postcopy (guest RAM is then not prefaulted: missing pages are
+    /// fetched on fault).
+    #[arg(long)]
+    postcopy: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -146,7 +176,9 @@ fn parse_size(s: &str) -> Result<u64, String> {
         Some('g' | 'G') => (&s[..s.len() - 1], 1 << 30),
         _ => (s, 1),
     };
-    let v: f64 = num.parse().map_err(|_| format!("'{s}' is not a size such as 512M or 2G"))?;
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size such as 512M or 2G"))?;
     if v < 0.0 {
         return Err(format!("'{s}' is negative"));
     }
@@ -201,6 +233,14 @@ fn vm_config(g: &GuestArgs, dirty_rate: u64) -> VmConfig {
         mem_size: g.mem,
         vcpus: g.vcpus,
         dirty_rate,
+        memory: ferry_host::memory::MemoryOptions {
+            backing: if g.memfd {
+                ferry_host::memory::Backing::Memfd
+            } else {
+                ferry_host::memory::Backing::Anonymous
+            },
+            ..ferry_host::memory::MemoryOptions::default()
+        },
         ..VmConfig::default()
     }
 }
@@ -221,6 +261,7 @@ struct DestinationSummary {
     pages_dirtied_here: u64,
     verify_pages_checked: u64,
     verify_mismatches: u64,
+    postcopy: Option<DestinationPostcopyReport>,
 }
 
 /// The whole demo's report.
@@ -245,7 +286,8 @@ fn progress(json: bool) -> ProgressBar {
     }
     let pb = ProgressBar::new_spinner();
     pb.set_style(
-        ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
     pb.enable_steady_tick(Duration::from_millis(100));
     pb
@@ -266,21 +308,42 @@ fn note(pb: &ProgressBar, quiet: bool, msg: String) {
 /// Boots the source guest, lets it fill its RAM and start dirtying.
 fn start_source(g: &GuestArgs, m: &MigrateArgs, pb: &ProgressBar) -> Result<Vm, BoxError> {
     require_kvm()?;
-    pb.set_message(format!("booting a {} guest with {} vCPU(s)", human_bytes(g.mem), g.vcpus));
+    pb.set_message(format!(
+        "booting a {} guest with {} vCPU(s)",
+        human_bytes(g.mem),
+        g.vcpus
+    ));
     let vm = Vm::new(vm_config(g, 0))?;
     vm.resume()?;
     pb.set_message("the guest fills its RAM with pseudo-random data (in ring 3)");
     let t = Instant::now();
     vm.wait_filled(Duration::from_secs(600))?;
-    note(pb, m.json, format!("guest: {} filled in {:.1} s", human_bytes(g.mem), t.elapsed().as_secs_f64()));
+    note(
+        pb,
+        m.json,
+        format!(
+            "guest: {} filled in {:.1} s",
+            human_bytes(g.mem),
+            t.elapsed().as_secs_f64()
+        ),
+    );
     vm.set_dirty_rate(m.dirty_rate)?;
     vm.wait_rate_applied(Duration::from_secs(10))?;
     std::thread::sleep(Duration::from_millis(300));
-    note(pb, m.json, format!("guest: dirtying {}/s", human_bytes(m.dirty_rate)));
+    note(
+        pb,
+        m.json,
+        format!("guest: dirtying {}/s", human_bytes(m.dirty_rate)),
+    );
     Ok(vm)
 }
 
-fn run_source(vm: &Vm, endpoint: Endpoint, m: &MigrateArgs, pb: &ProgressBar) -> Result<SourceReport, source::SourceError> {
+fn run_source(
+    vm: &Vm,
+    endpoint: Endpoint,
+    m: &MigrateArgs,
+    pb: &ProgressBar,
+) -> Result<SourceReport, source::SourceError> {
     let ram = Ram::from_memory(vm.memory());
     let mut tracker = kvm_guest::dirty_tracker(vm)?;
     let mut guest = SourceGuest::new(vm);
@@ -288,70 +351,191 @@ fn run_source(vm: &Vm, endpoint: Endpoint, m: &MigrateArgs, pb: &ProgressBar) ->
         downtime_limit: Duration::from_millis(m.downtime_ms),
         bandwidth_cap: m.bandwidth,
         give_up_after: Some(Duration::from_secs(m.give_up_s)),
+        offer_postcopy_ram: m.postcopy || m.allow_postcopy,
+        offer_postcopy_only_sections: m.postcopy_sections,
+        postcopy_after_first_pass: m.postcopy,
+        snapshot_bitmap: m.snapshot_bitmap,
         ..SourceConfig::default()
     };
+    watch_sigusr1(config.postcopy.clone());
     let link = SourceLink {
         endpoint,
         transport: m.transport.transport(),
         bulk_channels: m.channels.max(1),
     };
     let json = m.json;
-    source::migrate(&ram, &mut tracker, &mut guest, &config, &link, &mut |e| match e {
-        Event::Connected { transport } => note(pb, json, format!("connected: {transport}, dirty log: {}", if vm.dirty_log_caps().manual_protect { "KVM manual protect" } else { "KVM" })),
-        Event::Round(p) => {
-            let what = if p.round == 0 { "first pass".to_string() } else { format!("round {}", p.round) };
-            let msg = format!(
-                "{what}: pending {} · link {} · dirty {}/s · expected downtime {}",
-                human_bytes(p.pending_bytes),
-                human_rate(p.bandwidth),
-                human_bytes(p.dirty_rate),
-                p.expected_downtime_ns.map(|n| format!("{:.1} ms", n as f64 / 1e6)).unwrap_or_else(|| "?".into())
-            );
-            pb.set_message(msg.clone());
-            if p.round == 0 {
+    source::migrate(
+        &ram,
+        &mut tracker,
+        &mut guest,
+        &config,
+        &link,
+        &mut |e| match e {
+            Event::Connected { transport } => note(
+                pb,
+                json,
+                format!(
+                    "connected: {transport}, dirty log: {}",
+                    if vm.dirty_log_caps().manual_protect {
+                        "KVM manual protect"
+                    } else {
+                        "KVM"
+                    }
+                ),
+            ),
+            Event::Round(p) => {
+                let what = if p.round == 0 {
+                    "first pass".to_string()
+                } else {
+                    format!("round {}", p.round)
+                };
+                let msg = format!(
+                    "{what}: pending {} · link {} · dirty {}/s · expected downtime {}",
+                    human_bytes(p.pending_bytes),
+                    human_rate(p.bandwidth),
+                    human_bytes(p.dirty_rate),
+                    p.expected_downtime_ns
+                        .map(|n| format!("{:.1} ms", n as f64 / 1e6))
+                        .unwrap_or_else(|| "?".into())
+                );
+                pb.set_message(msg.clone());
+                if p.round == 0 {
+                    note(pb, json, msg);
+                }
+            }
+            Event::Paused => pb.set_message("guest paused: stop-and-copy"),
+            Event::AwaitingReady => pb.set_message("waiting for the destination's ready"),
+            Event::GoSent => pb.set_message("go sent: the guest runs on the destination"),
+            Event::ResumedOnSource => note(
+                pb,
+                json,
+                "the migration failed before ready: the guest runs on here again".into(),
+            ),
+            Event::PostcopyStarted { ram, pages_left } => {
+                let msg = if *ram {
+                    format!("postcopy: the guest runs on the destination; {pages_left} pages to stream, missing pages fetched on fault")
+                } else {
+                    "postcopy: the guest runs on the destination; postcopy-only sections follow"
+                        .to_string()
+                };
+                pb.set_message(msg.clone());
                 note(pb, json, msg);
             }
-        }
-        Event::Paused => pb.set_message("guest paused: stop-and-copy"),
-        Event::AwaitingReady => pb.set_message("waiting for the destination's ready"),
-        Event::GoSent => pb.set_message("go sent: the guest runs on the destination"),
-        Event::ResumedOnSource => note(pb, json, "the migration failed before ready: the guest runs on here again".into()),
-    })
+            Event::Postcopy(p) => pb.set_message(format!(
+                "postcopy {:.1} s: {} pages streamed, {} left, {} page requests served",
+                p.elapsed_ns as f64 / 1e9,
+                p.pages_streamed,
+                p.pages_left,
+                p.requests
+            )),
+            Event::Completed => pb.set_message("the destination acknowledged every page"),
+        },
+    )
+}
+
+/// Set by the SIGUSR1 handler: the operator asks for postcopy.
+static SIGUSR1_SEEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_sigusr1(_: libc::c_int) {
+    SIGUSR1_SEEN.store(true, std::sync::atomic::Ordering::Release);
+}
+
+/// SIGUSR1 throws the postcopy switch of the running migration.
+fn watch_sigusr1(handle: PostcopyHandle) {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe { libc::signal(libc::SIGUSR1, on_sigusr1 as *const () as libc::sighandler_t) };
+    let _ = std::thread::Builder::new()
+        .name("ferry-sigusr1".into())
+        .spawn(move || loop {
+            if SIGUSR1_SEEN.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                handle.start_postcopy();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        });
 }
 
 fn demo(a: DemoArgs) -> Result<ExitCode, BoxError> {
     require_kvm()?;
     let pb = progress(a.migrate.json);
     let listen = if a.unix {
-        format!("unix:{}", std::env::temp_dir().join(format!("ferry-demo-{}.sock", std::process::id())).display())
+        format!(
+            "unix:{}",
+            std::env::temp_dir()
+                .join(format!("ferry-demo-{}.sock", std::process::id()))
+                .display()
+        )
     } else {
         "127.0.0.1:0".to_string()
     };
     // The destination: a second process, so the guest really moves.
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
-        .args(["receive", "--listen", &listen, "--json", "--mem", &a.guest.mem.to_string(), "--vcpus", &a.guest.vcpus.to_string()])
-        .args(["--transport", a.migrate.transport.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default().as_str()])
+        .args([
+            "receive",
+            "--listen",
+            &listen,
+            "--json",
+            "--mem",
+            &a.guest.mem.to_string(),
+            "--vcpus",
+            &a.guest.vcpus.to_string(),
+        ])
+        .args(if a.guest.memfd {
+            &["--memfd"][..]
+        } else {
+            &[][..]
+        })
+        .args([
+            "--transport",
+            a.migrate
+                .transport
+                .to_possible_value()
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default()
+                .as_str(),
+        ])
+        .args(
+            if a.migrate.postcopy || a.migrate.allow_postcopy || a.migrate.postcopy_sections {
+                &["--postcopy"][..]
+            } else {
+                &[][..]
+            },
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?;
-    let stdout = child.stdout.take().ok_or("the destination process has no stdout")?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or("the destination process has no stdout")?;
     let mut lines = BufReader::new(stdout).lines();
-    let first = lines.next().ok_or("the destination process exited before listening")??;
+    let first = lines
+        .next()
+        .ok_or("the destination process exited before listening")??;
     let endpoint: Endpoint = first
         .strip_prefix("listening ")
-        .ok_or_else(|| format!("the destination process said '{first}' instead of where it listens"))?
+        .ok_or_else(|| {
+            format!("the destination process said '{first}' instead of where it listens")
+        })?
         .parse()?;
-    note(&pb, a.migrate.json, format!("destination: process {} listening on {endpoint}", child.id()));
+    note(
+        &pb,
+        a.migrate.json,
+        format!(
+            "destination: process {} listening on {endpoint}",
+            child.id()
+        ),
+    );
 
     let started = Instant::now();
     let vm = start_source(&a.guest, &a.migrate, &pb)?;
     let result = run_source(&vm, endpoint, &a.migrate, &pb);
     pb.finish_and_clear();
-    let dest: Option<DestinationSummary> = lines
-        .map_while(Result::ok)
-        .find_map(|l| l.strip_prefix("report ").and_then(|j| serde_json::from_str(j).ok()));
+    let dest: Option<DestinationSummary> = lines.map_while(Result::ok).find_map(|l| {
+        l.strip_prefix("report ")
+            .and_then(|j| serde_json::from_str(j).ok())
+    });
     let _ = child.wait();
 
     let (source, error) = match &result {
@@ -368,10 +552,14 @@ fn demo(a: DemoArgs) -> Result<ExitCode, BoxError> {
         let _ = e;
     }
     let downtime_ms = match (&result, &dest) {
-        (Ok(s), Some(d)) if d.ok => Some(d.resumed_at_ns.saturating_sub(s.paused_at_ns) as f64 / 1e6),
+        (Ok(s), Some(d)) if d.ok => {
+            Some(d.resumed_at_ns.saturating_sub(s.paused_at_ns) as f64 / 1e6)
+        }
         _ => None,
     };
-    let verified = dest.as_ref().is_some_and(|d| d.ok && d.verify_mismatches == 0 && d.verify_pages_checked > 0);
+    let verified = dest
+        .as_ref()
+        .is_some_and(|d| d.ok && d.verify_mismatches == 0 && d.verify_pages_checked > 0);
     let report = DemoReport {
         ok: result.is_ok() && verified,
         error: error.or_else(|| dest.as_ref().and_then(|d| d.error.clone())),
@@ -386,7 +574,11 @@ fn demo(a: DemoArgs) -> Result<ExitCode, BoxError> {
         guest_verified: verified,
     };
     print_report(&report, a.migrate.json)?;
-    Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn print_report(r: &DemoReport, json: bool) -> Result<(), BoxError> {
@@ -398,20 +590,76 @@ fn print_report(r: &DemoReport, json: bool) -> Result<(), BoxError> {
     }
     let s = &r.source;
     writeln!(out)?;
-    writeln!(out, "Ferry live migration — {}", if r.ok { "done" } else { "FAILED" })?;
-    writeln!(out, "  guest            {} RAM, {} vCPU(s), dirtying {}/s", human_bytes(r.guest_mem_bytes), r.vcpus, human_bytes(r.dirty_rate))?;
+    writeln!(
+        out,
+        "Ferry live migration — {}",
+        if r.ok { "done" } else { "FAILED" }
+    )?;
+    writeln!(
+        out,
+        "  guest            {} RAM, {} vCPU(s), dirtying {}/s",
+        human_bytes(r.guest_mem_bytes),
+        r.vcpus,
+        human_bytes(r.dirty_rate)
+    )?;
     if let Some(e) = &r.error {
         writeln!(out, "  error            {e}")?;
     }
     if s.total_ns > 0 {
-        writeln!(out, "  migration time   {:.2} s  ({} rounds after the first pass)", s.total_ns as f64 / 1e9, s.rounds)?;
+        writeln!(
+            out,
+            "  migration time   {:.2} s  ({} rounds after the first pass)",
+            s.total_ns as f64 / 1e9,
+            s.rounds
+        )?;
         match r.downtime_ms {
-            Some(d) => writeln!(out, "  downtime         {d:.2} ms  (source pause → destination resume; limit {} ms)", r.downtime_limit_ms)?,
+            Some(d) => writeln!(
+                out,
+                "  downtime         {d:.2} ms  (source pause → destination resume; limit {} ms)",
+                r.downtime_limit_ms
+            )?,
             None => writeln!(out, "  downtime         unknown")?,
         }
-        writeln!(out, "  sent             {}  ({} pages, {} zero pages, {} resent)", human_bytes(s.bytes_sent), s.pages_sent, s.zero_pages, s.pages_resent)?;
+        writeln!(
+            out,
+            "  sent             {}  ({} pages, {} zero pages, {} resent)",
+            human_bytes(s.bytes_sent),
+            s.pages_sent,
+            s.zero_pages,
+            s.pages_resent
+        )?;
         writeln!(out, "  throughput       {}", human_rate(s.throughput))?;
         writeln!(out, "  transport        {}", s.transport)?;
+        if let Some(p) = &s.postcopy {
+            writeln!(
+                out,
+                "  postcopy         {} · {:.2} s after go · {} pages discarded at switchover, {} streamed, {} requested ({} requests), {} of postcopy-only sections",
+                p.mode,
+                p.postcopy_ns as f64 / 1e9,
+                p.pages_discarded,
+                p.pages_streamed,
+                p.pages_requested,
+                p.requests,
+                human_bytes(p.section_bytes)
+            )?;
+        }
+    }
+    if let Some(p) = r.destination.as_ref().and_then(|d| d.postcopy.as_ref()) {
+        let us = |ns: u64| ns as f64 / 1e3;
+        writeln!(
+            out,
+            "  faults           {} on the destination · latency p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, max {:.0} µs",
+            p.faults,
+            us(p.fault_latency.p50_ns),
+            us(p.fault_latency.p99_ns),
+            us(p.fault_latency.p999_ns),
+            us(p.fault_latency.max_ns)
+        )?;
+        writeln!(
+            out,
+            "  pages            {} missing at switchover: {} fetched on demand, {} streamed",
+            p.pages_missing_at_switchover, p.pages_on_demand, p.pages_streamed
+        )?;
     }
     if let Some(d) = &r.destination {
         if d.ok {
@@ -447,19 +695,31 @@ fn send(a: SendArgs) -> Result<ExitCode, BoxError> {
         dirty_rate: a.migrate.dirty_rate,
         downtime_limit_ms: a.migrate.downtime_ms,
         total_s: started.elapsed().as_secs_f64(),
-        downtime_ms: result.as_ref().ok().map(|s| s.source_downtime_ns as f64 / 1e6),
+        downtime_ms: result
+            .as_ref()
+            .ok()
+            .map(|s| s.source_downtime_ns as f64 / 1e6),
         source,
         destination: None,
         guest_verified: false,
     };
     print_report(&report, a.migrate.json)?;
-    Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
     require_kvm()?;
     let endpoint: Endpoint = a.listen.parse()?;
-    let vm = Vm::new_incoming(vm_config(&a.guest, 0))?;
+    // With postcopy, pages not received are fetched on fault: RAM must not
+    // be prefaulted.
+    let vm = Vm::new_incoming(VmConfig {
+        prefault: !a.postcopy,
+        ..vm_config(&a.guest, 0)
+    })?;
     let listener = Listener::bind(&endpoint)?;
     let bound = listener.local_endpoint()?;
     {
@@ -472,8 +732,35 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
     }
     let ram = Ram::from_memory(vm.memory());
     let mut starter = IncomingGuest::new(&vm);
-    let result = destination::receive(&listener, &ram, &mut starter, a.transport.transport());
+    let config = destination::DestinationConfig {
+        postcopy_ram: a.postcopy,
+        postcopy_only_sections: a.postcopy,
+        ..destination::DestinationConfig::new(a.transport.transport())
+    };
+    let seconds = if a.guest.memfd && a.postcopy {
+        vm.memory()
+            .regions()
+            .iter()
+            .map(|r| r.map_second())
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        Vec::new()
+    };
+    let parts: Vec<_> = seconds
+        .iter()
+        .zip(vm.memory().regions())
+        .filter_map(|(m, r)| Some((r.gpa(), std::ptr::NonNull::new(m.as_ptr())?, m.len() as u64)))
+        .collect();
+    // SAFETY: the second mappings live until the end of this function, past
+    // the migration.
+    let second = unsafe { Ram::from_raw(&parts) };
+    let result = if seconds.is_empty() {
+        destination::receive_with(&listener, &ram, &mut starter, &config)
+    } else {
+        destination::receive_in_place(&listener, &ram, &second, &mut starter, &config)
+    };
     let mut summary = DestinationSummary::default();
+    let mut postcopy_stuck = false;
     let code = match result {
         Ok(r) => {
             fill_summary(&mut summary, &r);
@@ -481,14 +768,24 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
             let t = Instant::now();
             std::thread::sleep(Duration::from_secs_f64(a.run_s.max(0.0)));
             summary.ran_s = t.elapsed().as_secs_f64();
-            summary.pages_dirtied_here = vm.guest_status().map(|s| s.pages_dirtied).unwrap_or(0).saturating_sub(at_start);
+            summary.pages_dirtied_here = vm
+                .guest_status()
+                .map(|s| s.pages_dirtied)
+                .unwrap_or(0)
+                .saturating_sub(at_start);
             match vm.request_verify(Duration::from_secs(300)) {
-                Ok(VerifyReport { pages_checked, mismatches, .. }) => {
+                Ok(VerifyReport {
+                    pages_checked,
+                    mismatches,
+                    ..
+                }) => {
                     summary.ok = true;
                     summary.verify_pages_checked = pages_checked;
                     summary.verify_mismatches = mismatches;
                 }
-                Err(e) => summary.error = Some(format!("the guest could not verify its memory: {e}")),
+                Err(e) => {
+                    summary.error = Some(format!("the guest could not verify its memory: {e}"))
+                }
             }
             if summary.ok && summary.verify_mismatches == 0 {
                 ExitCode::SUCCESS
@@ -499,6 +796,14 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
         Err(e) => {
             summary.error = Some(e.to_string());
             summary.go_received = e.go_received;
+            if let Some(hold) = e.postcopy_hold {
+                // Postcopy lost its connection: the guest's vCPUs wait on
+                // their faults. Keep the userfaultfd open (closing it would
+                // let them run on zero pages) and leave without tearing the
+                // VM down.
+                postcopy_stuck = true;
+                std::mem::forget(hold);
+            }
             ExitCode::FAILURE
         }
     };
@@ -514,8 +819,20 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
                 summary.pages_received, summary.zero_pages, summary.resend_requests, summary.ran_s, summary.verify_pages_checked, summary.verify_mismatches
             )?,
         }
+        if let Some(p) = &summary.postcopy {
+            writeln!(
+                out,
+                "ferry receive: postcopy ({}): {} faults, latency p50 {} ns, p99 {} ns, p99.9 {} ns, max {} ns; {} pages fetched on demand, {} streamed",
+                p.mode, p.faults, p.fault_latency.p50_ns, p.fault_latency.p99_ns, p.fault_latency.p999_ns, p.fault_latency.max_ns, p.pages_on_demand, p.pages_streamed
+            )?;
+        }
     }
     let _ = monotonic_ns;
+    if postcopy_stuck {
+        drop(out);
+        let _ = std::io::stdout().flush();
+        std::process::exit(1);
+    }
     Ok(code)
 }
 
@@ -527,4 +844,5 @@ fn fill_summary(s: &mut DestinationSummary, r: &DestinationReport) {
     s.resend_requests = r.resend_requests;
     s.go_at_ns = r.go_at_ns;
     s.resumed_at_ns = r.resumed_at_ns;
+    s.postcopy = r.postcopy.clone();
 }

@@ -1,0 +1,1229 @@
+//! Postcopy: the operator's switch, the destination's userfaultfd fault
+//! service, and atomic page installation.
+//!
+//! On the destination, guest RAM that has not arrived intact at switchover is
+//! left *missing* (never populated, or zapped with `MADV_DONTNEED`) inside a
+//! userfaultfd registration in MISSING mode. [`FaultService`] reads the
+//! faults, turns each into a page request on the urgent channel and times it;
+//! [`PageInstaller`] installs every page exactly once, whichever path brings
+//! it first (urgent reply or background stream): with `UFFDIO_COPY`, which
+//! places the page and wakes its waiters atomically. `EEXIST` (the other path
+//! won the race) counts as installed, and the range is woken anyway, so a
+//! fault is never left waiting.
+//!
+//! Before switchover (the guest does not run on the destination yet) pages
+//! are plain copies into guest memory; a [`Discard`](ferry_core::wire::Repr)
+//! clears a page's *received* bit, and arming zaps every page whose bit is
+//! clear.
+//!
+//! On memfd-backed RAM ([`PageInstaller::new_in_place`]) the transport
+//! receives pages straight into a second mapping of the memfds (registering
+//! it with io_uring is safe: the page-cache pages do not move when the
+//! guest's mapping is zapped), the guest's mapping is registered for MISSING
+//! and MINOR faults, and a page that arrived intact is mapped with
+//! `UFFDIO_CONTINUE`: never copied in user space. A per-page claim makes sure
+//! one receiver only writes a page after switchover, so a late copy never
+//! overwrites what the guest wrote since.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
+
+use crate::ram::{Ram, PAGE_SIZE};
+
+/// The userfaultfd ABI, from `linux/userfaultfd.h`.
+mod abi {
+    pub const UFFDIO: u32 = 0xAA;
+    pub const UFFD_API: u64 = 0xAA;
+    pub const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+    pub const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;
+    pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
+    pub const UFFDIO_REGISTER_MODE_MINOR: u64 = 1 << 2;
+    pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+
+    #[repr(C)]
+    #[derive(Default)]
+    pub struct UffdioApi {
+        pub api: u64,
+        pub features: u64,
+        pub ioctls: u64,
+    }
+
+    #[repr(C)]
+    #[derive(Default, Clone, Copy)]
+    pub struct UffdioRange {
+        pub start: u64,
+        pub len: u64,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    pub struct UffdioRegister {
+        pub range: UffdioRange,
+        pub mode: u64,
+        pub ioctls: u64,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    pub struct UffdioCopy {
+        pub dst: u64,
+        pub src: u64,
+        pub len: u64,
+        pub mode: u64,
+        pub copy: i64,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    pub struct UffdioZeropage {
+        pub range: UffdioRange,
+        pub mode: u64,
+        pub zeropage: i64,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    pub struct UffdioContinue {
+        pub range: UffdioRange,
+        pub mode: u64,
+        pub mapped: i64,
+    }
+
+    /// `struct uffd_msg`: for a page fault, `arg[0]` is the flags and `arg[1]` the address.
+    #[repr(C)]
+    #[derive(Default, Clone, Copy)]
+    pub struct UffdMsg {
+        pub event: u8,
+        pub reserved1: u8,
+        pub reserved2: u16,
+        pub reserved3: u32,
+        pub arg: [u64; 3],
+    }
+
+    vmm_sys_util::ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3F, UffdioApi);
+    vmm_sys_util::ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, UffdioRegister);
+    vmm_sys_util::ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
+    vmm_sys_util::ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
+    vmm_sys_util::ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
+    vmm_sys_util::ioctl_iowr_nr!(UFFDIO_CONTINUE, UFFDIO, 0x07, UffdioContinue);
+
+    const _: () = assert!(std::mem::size_of::<UffdMsg>() == 32);
+    const _: () = assert!(std::mem::size_of::<UffdioCopy>() == 40);
+}
+
+use abi::*;
+
+/// Errors of the postcopy machinery.
+#[derive(Debug, thiserror::Error)]
+pub enum PostcopyError {
+    /// A userfaultfd system call failed.
+    #[error("{op} failed: {source}")]
+    Os {
+        /// The call.
+        op: &'static str,
+        /// The system's error.
+        source: io::Error,
+    },
+    /// A page lies outside guest RAM.
+    #[error("pages {first}+{count} of region {region} lie outside guest RAM")]
+    OutOfRange {
+        /// Region id.
+        region: u16,
+        /// First page.
+        first: u64,
+        /// Page count.
+        count: u64,
+    },
+    /// The migration was abandoned while a thread waited for the switchover.
+    #[error("the migration was abandoned before postcopy started")]
+    Aborted,
+}
+
+fn os(op: &'static str) -> impl FnOnce(io::Error) -> PostcopyError {
+    move |source| PostcopyError::Os { op, source }
+}
+
+/// The operator's switch: ask a running migration to move RAM to postcopy.
+///
+/// Cloning shares the switch. Asking when the destination did not negotiate
+/// the postcopy-ram capability makes the migration fail with
+/// [`crate::source::SourceError::Policy`] at its next decision (the guest
+/// keeps running on the source).
+#[derive(Clone, Debug, Default)]
+pub struct PostcopyHandle(Arc<AtomicBool>);
+
+impl PostcopyHandle {
+    /// A switch not yet thrown.
+    pub fn new() -> PostcopyHandle {
+        PostcopyHandle::default()
+    }
+
+    /// Asks for the switch to postcopy at the next decision.
+    pub fn start_postcopy(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// Whether the switch was asked for.
+    pub fn requested(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// A userfaultfd, in MISSING (or MINOR) mode.
+#[derive(Debug)]
+pub struct Uffd {
+    fd: OwnedFd,
+}
+
+impl Uffd {
+    /// Opens a userfaultfd that also sees faults taken by the kernel on the
+    /// process's behalf (KVM's guest page faults), non-blocking.
+    pub fn new() -> Result<Uffd, PostcopyError> {
+        Self::with_features(0)
+    }
+
+    /// As [`Uffd::new`], asking for `features` (`UFFD_FEATURE_*` bits).
+    fn with_features(features: u64) -> Result<Uffd, PostcopyError> {
+        // SAFETY: the userfaultfd syscall takes flags only and returns a new fd or -1.
+        let fd =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if fd < 0 {
+            return Err(PostcopyError::Os {
+                op: "userfaultfd",
+                source: io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_API reads and writes `api` only.
+        let ret = unsafe { ioctl_with_mut_ref(&fd, UFFDIO_API(), &mut api) };
+        if ret != 0 {
+            return Err(PostcopyError::Os {
+                op: "UFFDIO_API",
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(Uffd { fd })
+    }
+
+    /// Opens a userfaultfd able to serve shared memory (memfd) in MINOR mode.
+    pub fn new_minor() -> Result<Uffd, PostcopyError> {
+        Self::with_features(UFFD_FEATURE_MINOR_SHMEM | UFFD_FEATURE_MISSING_SHMEM)
+    }
+
+    /// The descriptor, for `poll`.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    fn register(&self, addr: usize, len: usize, mode: u64) -> Result<(), PostcopyError> {
+        let mut reg = UffdioRegister {
+            range: UffdioRange {
+                start: addr as u64,
+                len: len as u64,
+            },
+            mode,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_REGISTER reads and writes `reg` only; the range is the
+        // caller's mapping, which the kernel checks.
+        let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_REGISTER(), &mut reg) };
+        if ret != 0 {
+            return Err(PostcopyError::Os {
+                op: "UFFDIO_REGISTER",
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Registers `addr..addr + len` (page-aligned) for MISSING faults.
+    pub fn register_missing(&self, addr: usize, len: usize) -> Result<(), PostcopyError> {
+        self.register(addr, len, UFFDIO_REGISTER_MODE_MISSING)
+    }
+
+    /// Registers `addr..addr + len` of shared memory for MINOR faults.
+    pub fn register_minor(&self, addr: usize, len: usize) -> Result<(), PostcopyError> {
+        self.register(addr, len, UFFDIO_REGISTER_MODE_MINOR)
+    }
+
+    /// Wakes the threads waiting on `addr..addr + len`.
+    pub fn wake(&self, addr: usize, len: usize) -> Result<(), PostcopyError> {
+        let range = UffdioRange {
+            start: addr as u64,
+            len: len as u64,
+        };
+        // SAFETY: UFFDIO_WAKE reads `range` only.
+        let ret = unsafe { ioctl_with_ref(&self.fd, UFFDIO_WAKE(), &range) };
+        if ret != 0 {
+            return Err(PostcopyError::Os {
+                op: "UFFDIO_WAKE",
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Places `src` at `dst` (both page-aligned, whole pages) and wakes the
+    /// waiters. Pages already present are skipped and their waiters woken;
+    /// returns how many were.
+    ///
+    /// # Safety
+    ///
+    /// `dst..dst + src.len()` must lie in a range registered with this
+    /// userfaultfd in MISSING mode.
+    pub unsafe fn copy(&self, dst: usize, src: &[u8]) -> Result<u64, PostcopyError> {
+        let mut done = 0usize;
+        let mut skipped = 0u64;
+        let page = PAGE_SIZE as usize;
+        while done < src.len() {
+            let mut c = UffdioCopy {
+                dst: (dst + done) as u64,
+                src: src[done..].as_ptr() as u64,
+                len: (src.len() - done) as u64,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: UFFDIO_COPY reads `src` (a live slice) and writes the
+            // registered destination range only, inside the kernel.
+            let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_COPY(), &mut c) };
+            if c.copy > 0 {
+                done += c.copy as usize;
+            }
+            if ret == 0 {
+                if c.copy <= 0 {
+                    done = src.len();
+                }
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EEXIST) => {
+                    // The page at `done` is there already: wake its waiters
+                    // and go on with the next one.
+                    self.wake(dst + done, page)?;
+                    done += page;
+                    skipped += 1;
+                }
+                Some(libc::EAGAIN) => {}
+                _ => {
+                    return Err(PostcopyError::Os {
+                        op: "UFFDIO_COPY",
+                        source: e,
+                    })
+                }
+            }
+        }
+        Ok(skipped)
+    }
+
+    /// Maps zero pages over `dst..dst + len` and wakes the waiters (pages
+    /// already present are left alone and woken).
+    pub fn zeropage(&self, dst: usize, len: usize) -> Result<(), PostcopyError> {
+        let page = PAGE_SIZE as usize;
+        let mut done = 0usize;
+        while done < len {
+            let mut z = UffdioZeropage {
+                range: UffdioRange {
+                    start: (dst + done) as u64,
+                    len: (len - done) as u64,
+                },
+                mode: 0,
+                zeropage: 0,
+            };
+            // SAFETY: UFFDIO_ZEROPAGE reads and writes `z` only.
+            let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_ZEROPAGE(), &mut z) };
+            if z.zeropage > 0 {
+                done += z.zeropage as usize;
+            }
+            if ret == 0 {
+                if z.zeropage <= 0 {
+                    done = len;
+                }
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EEXIST) => {
+                    self.wake(dst + done, page)?;
+                    done += page;
+                }
+                Some(libc::EAGAIN) => {}
+                _ => {
+                    return Err(PostcopyError::Os {
+                        op: "UFFDIO_ZEROPAGE",
+                        source: e,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Maps the page-cache pages behind `dst..dst + len` (filled through a
+    /// second mapping of the memfd) and wakes the waiters: no user-space copy.
+    /// Pages already mapped are left alone and their waiters woken.
+    pub fn continue_range(&self, dst: usize, len: usize) -> Result<(), PostcopyError> {
+        let page = PAGE_SIZE as usize;
+        let mut done = 0usize;
+        while done < len {
+            let mut c = UffdioContinue {
+                range: UffdioRange {
+                    start: (dst + done) as u64,
+                    len: (len - done) as u64,
+                },
+                mode: 0,
+                mapped: 0,
+            };
+            // SAFETY: UFFDIO_CONTINUE reads and writes `c` only.
+            let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_CONTINUE(), &mut c) };
+            if c.mapped > 0 {
+                done += c.mapped as usize;
+            }
+            if ret == 0 {
+                if c.mapped <= 0 {
+                    done = len;
+                }
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EEXIST) => {
+                    self.wake(dst + done, page)?;
+                    done += page;
+                }
+                Some(libc::EAGAIN) => {}
+                _ => {
+                    return Err(PostcopyError::Os {
+                        op: "UFFDIO_CONTINUE",
+                        source: e,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Registers `addr..addr + len` of shared memory for both MISSING and
+    /// MINOR faults (a hole in the memfd, or a page cached but not mapped).
+    pub fn register_missing_minor(&self, addr: usize, len: usize) -> Result<(), PostcopyError> {
+        self.register(
+            addr,
+            len,
+            UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR,
+        )
+    }
+
+    /// Reads the pending page faults (their addresses) into `out`; returns
+    /// at once when none is queued.
+    pub fn read_faults(&self, out: &mut Vec<u64>) -> Result<(), PostcopyError> {
+        let mut msgs = [UffdMsg::default(); 32];
+        loop {
+            // SAFETY: reads at most `size_of_val(&msgs)` bytes into `msgs`.
+            let n = unsafe {
+                libc::read(
+                    self.fd.as_raw_fd(),
+                    msgs.as_mut_ptr().cast(),
+                    std::mem::size_of_val(&msgs),
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                return match e.kind() {
+                    io::ErrorKind::WouldBlock => Ok(()),
+                    io::ErrorKind::Interrupted => continue,
+                    _ => Err(PostcopyError::Os {
+                        op: "read(userfaultfd)",
+                        source: e,
+                    }),
+                };
+            }
+            let got = n as usize / std::mem::size_of::<UffdMsg>();
+            for m in &msgs[..got] {
+                if m.event == UFFD_EVENT_PAGEFAULT {
+                    out.push(m.arg[1]);
+                }
+            }
+            if got < msgs.len() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for a fault to be queued; true when one is.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: polls one valid pollfd.
+        let n = unsafe { libc::poll(&mut p, 1, ms) };
+        n > 0 && p.revents & libc::POLLIN != 0
+    }
+
+    /// Gives up the descriptor without closing it: the faulting threads stay
+    /// blocked (nothing is written wrongly) until whoever holds the raw fd
+    /// resolves or closes it. Used when postcopy loses its connection.
+    pub fn into_raw(self) -> RawFd {
+        use std::os::fd::IntoRawFd;
+        self.fd.into_raw_fd()
+    }
+}
+
+/// Fault-latency figures, in nanoseconds.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LatencySummary {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50_ns: u64,
+    /// 99th percentile.
+    pub p99_ns: u64,
+    /// 99.9th percentile.
+    pub p999_ns: u64,
+    /// Largest.
+    pub max_ns: u64,
+}
+
+impl LatencySummary {
+    /// Summarises a histogram of nanoseconds.
+    pub fn of(h: &Histogram<u64>) -> LatencySummary {
+        if h.is_empty() {
+            return LatencySummary::default();
+        }
+        LatencySummary {
+            count: h.len(),
+            p50_ns: h.value_at_quantile(0.5),
+            p99_ns: h.value_at_quantile(0.99),
+            p999_ns: h.value_at_quantile(0.999),
+            max_ns: h.max(),
+        }
+    }
+}
+
+/// What postcopy did on the destination.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DestinationPostcopyReport {
+    /// `"ram"` (pages fetched on fault) or `"sections"` (RAM completed in the
+    /// downtime; only postcopy-only sections followed).
+    pub mode: String,
+    /// Distinct page faults that needed a request to the source.
+    pub faults: u64,
+    /// Time from a fault being read to its page being installed.
+    pub fault_latency: LatencySummary,
+    /// From *go* to the last page (and section) arriving, nanoseconds.
+    pub postcopy_ns: u64,
+    /// Pages installed from urgent replies (fetched on demand).
+    pub pages_on_demand: u64,
+    /// Pages installed from the background stream after switchover.
+    pub pages_streamed: u64,
+    /// Pages missing at switchover.
+    pub pages_missing_at_switchover: u64,
+    /// Bytes of postcopy-only sections received after the guest started.
+    pub section_bytes: u64,
+}
+
+/// The outcome of [`PageInstaller::claim`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// Every page of the run is the caller's to write in place.
+    All,
+    /// Only these pages are (another receiver claimed the rest first).
+    Some(Vec<u64>),
+}
+
+/// Which path brought a page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// Precopy, the stop-and-copy, or the background stream.
+    Stream,
+    /// An urgent reply to a page request.
+    Request,
+}
+
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum Arm {
+    Waiting,
+    Armed,
+    Aborted,
+}
+
+/// The destination's guest RAM during a postcopy-capable migration: which
+/// pages arrived, and how to install one. Shared by the receiver threads,
+/// the urgent receiver and the fault service.
+#[derive(Debug)]
+pub struct PageInstaller {
+    /// (host address, pages) per region.
+    regions: Vec<(usize, u64)>,
+    /// memfd-backed RAM: the second mapping's address per region, through
+    /// which pages are received in place (installed with `UFFDIO_CONTINUE`).
+    second: Option<Vec<usize>>,
+    received: Vec<Vec<AtomicU64>>,
+    /// In-place receive after switchover: a page is written through the
+    /// second mapping by the one receiver that claimed it first, so a late
+    /// copy never overwrites what the guest wrote since.
+    claimed: Vec<Vec<AtomicU64>>,
+    missing: AtomicU64,
+    total: u64,
+    uffd: Mutex<Option<Arc<Uffd>>>,
+    armed_uffd: std::sync::OnceLock<Arc<Uffd>>,
+    arm: Mutex<Arm>,
+    arm_cv: Condvar,
+    done_cv: Condvar,
+    done_lock: Mutex<()>,
+    /// Pages requested and not yet installed, with when they faulted.
+    pending: Mutex<HashMap<(u16, u64), Instant>>,
+    latency: Mutex<Option<Histogram<u64>>>,
+    faults: AtomicU64,
+    on_demand: AtomicU64,
+    streamed: AtomicU64,
+    missing_at_arm: AtomicU64,
+}
+
+impl PageInstaller {
+    /// An installer over `ram`, with no page received yet.
+    pub fn new(ram: &Ram<'_>) -> PageInstaller {
+        let regions: Vec<(usize, u64)> = ram
+            .regions()
+            .iter()
+            .map(|r| (r.host().as_ptr() as usize, r.pages()))
+            .collect();
+        let received = regions
+            .iter()
+            .map(|&(_, p)| (0..p.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+            .collect();
+        let claimed = regions
+            .iter()
+            .map(|&(_, p)| (0..p.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+            .collect();
+        let total: u64 = regions.iter().map(|r| r.1).sum();
+        let latency = Histogram::new_with_bounds(1, 600_000_000_000, 3).ok();
+        PageInstaller {
+            regions,
+            second: None,
+            received,
+            claimed,
+            missing: AtomicU64::new(total),
+            total,
+            uffd: Mutex::new(None),
+            armed_uffd: std::sync::OnceLock::new(),
+            arm: Mutex::new(Arm::Waiting),
+            arm_cv: Condvar::new(),
+            done_cv: Condvar::new(),
+            done_lock: Mutex::new(()),
+            pending: Mutex::new(HashMap::new()),
+            latency: Mutex::new(latency),
+            faults: AtomicU64::new(0),
+            on_demand: AtomicU64::new(0),
+            streamed: AtomicU64::new(0),
+            missing_at_arm: AtomicU64::new(0),
+        }
+    }
+
+    /// An installer over memfd-backed `ram` whose pages are received in
+    /// place through `second`, a second mapping of the same memfds (same
+    /// regions, same sizes). After switchover pages are mapped into the
+    /// guest with `UFFDIO_CONTINUE`: never copied in user space.
+    pub fn new_in_place(ram: &Ram<'_>, second: &Ram<'_>) -> PageInstaller {
+        let mut inst = PageInstaller::new(ram);
+        inst.second = Some(
+            second
+                .regions()
+                .iter()
+                .map(|r| r.host().as_ptr() as usize)
+                .collect(),
+        );
+        inst
+    }
+
+    /// Claims the pages of a run for an in-place receive. Before switchover
+    /// every page is the caller's ([`Claim::All`]); after, only those no
+    /// other receiver claimed first.
+    pub fn claim(&self, region: u16, first: u64, count: u64) -> Result<Claim, PostcopyError> {
+        self.host(region, first, count)?;
+        if !self.is_armed() {
+            return Ok(Claim::All);
+        }
+        let Some(words) = self.claimed.get(usize::from(region)) else {
+            return Err(PostcopyError::OutOfRange {
+                region,
+                first,
+                count,
+            });
+        };
+        let mut ours = Vec::new();
+        for p in first..first + count {
+            let Some(w) = words.get((p / 64) as usize) else {
+                break;
+            };
+            let bit = 1u64 << (p % 64);
+            if w.fetch_or(bit, Ordering::AcqRel) & bit == 0 {
+                ours.push(p);
+            }
+        }
+        Ok(if ours.len() as u64 == count {
+            Claim::All
+        } else {
+            Claim::Some(ours)
+        })
+    }
+
+    /// The second mapping's bytes of a run (in-place mode), for a receive
+    /// or a checksum.
+    ///
+    /// # Safety
+    ///
+    /// The caller must hold the claim on the pages it writes through the
+    /// returned pointer, and tolerate concurrent writes of identical bytes.
+    pub unsafe fn in_place_ptr(
+        &self,
+        region: u16,
+        first: u64,
+        count: u64,
+    ) -> Result<*mut u8, PostcopyError> {
+        self.host(region, first, count)?;
+        match self
+            .second
+            .as_ref()
+            .and_then(|s| s.get(usize::from(region)))
+        {
+            Some(&base) => Ok((base + (first * PAGE_SIZE) as usize) as *mut u8),
+            None => Err(PostcopyError::OutOfRange {
+                region,
+                first,
+                count,
+            }),
+        }
+    }
+
+    /// Whether pages are received in place (memfd, `UFFDIO_CONTINUE`).
+    pub fn in_place(&self) -> bool {
+        self.second.is_some()
+    }
+
+    /// Records pages received in place (through the second mapping; their
+    /// bytes were checked): before switchover they are simply there; after,
+    /// `UFFDIO_CONTINUE` maps them into the guest and wakes its waiters.
+    pub fn install_in_place(
+        &self,
+        region: u16,
+        first: u64,
+        count: u64,
+        via: Via,
+    ) -> Result<(), PostcopyError> {
+        let dst = self.host(region, first, count)?;
+        match self.armed_uffd.get() {
+            None => {
+                self.mark(region, first, count, true);
+            }
+            Some(uffd) => {
+                uffd.continue_range(dst, (count * PAGE_SIZE) as usize)?;
+                self.installed(region, first, count, via);
+            }
+        }
+        Ok(())
+    }
+
+    fn host(&self, region: u16, first: u64, count: u64) -> Result<usize, PostcopyError> {
+        match self.regions.get(usize::from(region)) {
+            Some(&(base, pages)) if first.checked_add(count).is_some_and(|e| e <= pages) => {
+                Ok(base + (first * PAGE_SIZE) as usize)
+            }
+            _ => Err(PostcopyError::OutOfRange {
+                region,
+                first,
+                count,
+            }),
+        }
+    }
+
+    /// The page at host address `addr`, if inside guest RAM.
+    pub fn page_of(&self, addr: u64) -> Option<(u16, u64)> {
+        let addr = addr as usize;
+        self.regions
+            .iter()
+            .enumerate()
+            .find_map(|(i, &(base, pages))| {
+                let end = base + (pages * PAGE_SIZE) as usize;
+                (addr >= base && addr < end).then(|| (i as u16, ((addr - base) as u64) / PAGE_SIZE))
+            })
+    }
+
+    /// Whether `page` of `region` arrived.
+    pub fn has(&self, region: u16, page: u64) -> bool {
+        self.received
+            .get(usize::from(region))
+            .and_then(|w| w.get((page / 64) as usize))
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (page % 64)) != 0)
+    }
+
+    /// Sets the received bits of a run; returns how many were newly set.
+    fn mark(&self, region: u16, first: u64, count: u64, on: bool) -> u64 {
+        let Some(words) = self.received.get(usize::from(region)) else {
+            return 0;
+        };
+        let mut changed = 0;
+        for p in first..first + count {
+            let Some(w) = words.get((p / 64) as usize) else {
+                break;
+            };
+            let bit = 1u64 << (p % 64);
+            let old = if on {
+                w.fetch_or(bit, Ordering::AcqRel)
+            } else {
+                w.fetch_and(!bit, Ordering::AcqRel)
+            };
+            if (old & bit != 0) != on {
+                changed += 1;
+            }
+        }
+        if on {
+            self.missing.fetch_sub(changed, Ordering::AcqRel);
+        } else {
+            self.missing.fetch_add(changed, Ordering::AcqRel);
+        }
+        changed
+    }
+
+    /// Pages not yet received.
+    pub fn missing(&self) -> u64 {
+        self.missing.load(Ordering::Acquire)
+    }
+
+    /// Every page in guest RAM.
+    pub fn total_pages(&self) -> u64 {
+        self.total
+    }
+
+    /// Whether postcopy started on this side (pages go in with `UFFDIO_COPY`).
+    pub fn is_armed(&self) -> bool {
+        self.armed_uffd.get().is_some()
+    }
+
+    /// Installs a run of pages (`bytes`: `count` pages) that arrived intact.
+    /// Before switchover a plain copy; after, `UFFDIO_COPY` — a page already
+    /// there (the other path won) is left alone and its waiters are woken.
+    pub fn install(
+        &self,
+        region: u16,
+        first: u64,
+        bytes: &[u8],
+        via: Via,
+    ) -> Result<(), PostcopyError> {
+        let count = bytes.len() as u64 / PAGE_SIZE;
+        let dst = self.host(region, first, count)?;
+        match self.armed_uffd.get() {
+            None => {
+                // SAFETY: the range lies inside guest RAM (checked above); the
+                // guest does not run on this side before switchover, and a
+                // page is written by one receiver only (pages are striped).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst as *mut u8, bytes.len())
+                };
+                self.mark(region, first, count, true);
+            }
+            Some(uffd) => {
+                // SAFETY: guest RAM was registered in MISSING mode at arming.
+                unsafe { uffd.copy(dst, bytes) }?;
+                self.installed(region, first, count, via);
+            }
+        }
+        Ok(())
+    }
+
+    /// Installs a run of zero pages.
+    pub fn install_zero(&self, region: u16, first: u64, count: u64) -> Result<(), PostcopyError> {
+        let dst = self.host(region, first, count)?;
+        if let Some(second) = self.second.as_ref() {
+            if self.is_armed() {
+                // After switchover: only the pages nobody claimed yet.
+                if let Claim::Some(pages) = self.claim(region, first, count)? {
+                    for p in pages {
+                        // SAFETY: this call holds the claim on page `p`.
+                        let at = unsafe { self.in_place_ptr(region, p, 1) }?;
+                        // SAFETY: one page inside the second mapping.
+                        unsafe { std::ptr::write_bytes(at, 0, PAGE_SIZE as usize) };
+                        self.install_in_place(region, p, 1, Via::Stream)?;
+                    }
+                    return Ok(());
+                }
+            }
+            let base = second.get(usize::from(region)).copied().unwrap_or(0);
+            // SAFETY: the same offsets in the second mapping, which has the
+            // region's size; the guest does not see these pages until they
+            // are mapped (after switchover) or it starts (before).
+            unsafe {
+                std::ptr::write_bytes(
+                    (base + (first * PAGE_SIZE) as usize) as *mut u8,
+                    0,
+                    (count * PAGE_SIZE) as usize,
+                )
+            };
+            return self.install_in_place(region, first, count, Via::Stream);
+        }
+        match self.armed_uffd.get() {
+            None => {
+                // SAFETY: as in `install`.
+                unsafe { std::ptr::write_bytes(dst as *mut u8, 0, (count * PAGE_SIZE) as usize) };
+                self.mark(region, first, count, true);
+            }
+            Some(uffd) => {
+                uffd.zeropage(dst, (count * PAGE_SIZE) as usize)?;
+                self.installed(region, first, count, Via::Stream);
+            }
+        }
+        Ok(())
+    }
+
+    fn installed(&self, region: u16, first: u64, count: u64, via: Via) {
+        let newly = self.mark(region, first, count, true);
+        match via {
+            Via::Request => self.on_demand.fetch_add(newly, Ordering::Relaxed),
+            Via::Stream => self.streamed.fetch_add(newly, Ordering::Relaxed),
+        };
+        let now = Instant::now();
+        if let Ok(mut pending) = self.pending.lock() {
+            if !pending.is_empty() {
+                let mut lat = self.latency.lock().unwrap_or_else(PoisonError::into_inner);
+                for p in first..first + count {
+                    if let Some(t) = pending.remove(&(region, p)) {
+                        let ns = now.duration_since(t).as_nanos().min(u128::from(u64::MAX)) as u64;
+                        if let Some(h) = lat.as_mut() {
+                            let _ = h.record(ns.max(1));
+                        }
+                    }
+                }
+            }
+        }
+        if self.missing() == 0 {
+            let _g = self
+                .done_lock
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            self.done_cv.notify_all();
+        }
+    }
+
+    /// Forgets that a run arrived (the source discarded it at switchover:
+    /// it changed after it was sent). Only before switchover.
+    pub fn discard(&self, region: u16, first: u64, count: u64) -> Result<(), PostcopyError> {
+        self.host(region, first, count)?;
+        self.mark(region, first, count, false);
+        Ok(())
+    }
+
+    /// Switchover on the destination: registers guest RAM with `uffd` in
+    /// MISSING mode, zaps every page not received, and from now on installs
+    /// with `UFFDIO_COPY`. Wakes the receivers waiting in [`Self::wait_armed`].
+    pub fn arm(&self, uffd: Uffd) -> Result<(), PostcopyError> {
+        let uffd = Arc::new(uffd);
+        for &(base, pages) in &self.regions {
+            if self.second.is_some() {
+                uffd.register_missing_minor(base, (pages * PAGE_SIZE) as usize)?;
+            } else {
+                uffd.register_missing(base, (pages * PAGE_SIZE) as usize)?;
+            }
+        }
+        let mut zapped = 0;
+        for (r, &(base, pages)) in self.regions.iter().enumerate() {
+            let mut p = 0;
+            while p < pages {
+                if self.has(r as u16, p) {
+                    p += 1;
+                    continue;
+                }
+                let start = p;
+                while p < pages && !self.has(r as u16, p) {
+                    p += 1;
+                }
+                let addr = base + (start * PAGE_SIZE) as usize;
+                let len = ((p - start) * PAGE_SIZE) as usize;
+                // SAFETY: the range lies inside guest RAM, which the guest does
+                // not use yet; its contents are stale or never written. On
+                // memfd RAM this only drops the guest mapping's page-table
+                // entries (the page cache, where pages arrive, stays).
+                let rc =
+                    unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+                if rc != 0 {
+                    return Err(PostcopyError::Os {
+                        op: "madvise(MADV_DONTNEED)",
+                        source: io::Error::last_os_error(),
+                    });
+                }
+                zapped += p - start;
+            }
+        }
+        self.missing_at_arm.store(zapped, Ordering::Relaxed);
+        if self.second.is_some() {
+            // In place: the pages received so far sit in the page cache but
+            // are not mapped in the guest's mapping (a MINOR fault each);
+            // map them now, before the guest runs.
+            for (r, &(base, pages)) in self.regions.iter().enumerate() {
+                let mut p = 0;
+                while p < pages {
+                    if !self.has(r as u16, p) {
+                        p += 1;
+                        continue;
+                    }
+                    let start = p;
+                    while p < pages && self.has(r as u16, p) {
+                        p += 1;
+                    }
+                    uffd.continue_range(
+                        base + (start * PAGE_SIZE) as usize,
+                        ((p - start) * PAGE_SIZE) as usize,
+                    )?;
+                }
+            }
+        }
+        for (c, r) in self.claimed.iter().zip(&self.received) {
+            for (a, b) in c.iter().zip(r) {
+                a.store(b.load(Ordering::Acquire), Ordering::Release);
+            }
+        }
+        *self.uffd.lock().unwrap_or_else(PoisonError::into_inner) = Some(uffd.clone());
+        let _ = self.armed_uffd.set(uffd);
+        let mut a = self.arm.lock().unwrap_or_else(PoisonError::into_inner);
+        *a = Arm::Armed;
+        self.arm_cv.notify_all();
+        Ok(())
+    }
+
+    /// Lets receivers waiting for the switchover give up.
+    pub fn abort(&self) {
+        let mut a = self.arm.lock().unwrap_or_else(PoisonError::into_inner);
+        if *a == Arm::Waiting {
+            *a = Arm::Aborted;
+        }
+        self.arm_cv.notify_all();
+        let _g = self
+            .done_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.done_cv.notify_all();
+    }
+
+    /// Blocks a receiver that reached the switchover marker of its stream
+    /// until postcopy is armed.
+    pub fn wait_armed(&self) -> Result<(), PostcopyError> {
+        let mut a = self.arm.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            match *a {
+                Arm::Armed => return Ok(()),
+                Arm::Aborted => return Err(PostcopyError::Aborted),
+                Arm::Waiting => {
+                    a = self.arm_cv.wait(a).unwrap_or_else(PoisonError::into_inner);
+                }
+            }
+        }
+    }
+
+    /// Waits until every page arrived, up to `timeout`; true when they did.
+    pub fn wait_complete(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = self
+            .done_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        while self.missing() != 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            g = self
+                .done_cv
+                .wait_timeout(g, left.min(Duration::from_millis(50)))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
+
+    /// The pages not yet received, as runs of at most `max` pages.
+    pub fn missing_runs(&self, max: u32) -> Vec<(u16, u64, u32)> {
+        let mut runs: Vec<(u16, u64, u32)> = Vec::new();
+        for (r, &(_, pages)) in self.regions.iter().enumerate() {
+            for p in 0..pages {
+                if self.has(r as u16, p) {
+                    continue;
+                }
+                match runs.last_mut() {
+                    Some((lr, lf, lc))
+                        if usize::from(*lr) == r && *lf + u64::from(*lc) == p && *lc < max =>
+                    {
+                        *lc += 1
+                    }
+                    _ => runs.push((r as u16, p, 1)),
+                }
+            }
+        }
+        runs
+    }
+
+    /// The fault service's part: a fault at host address `addr`. Returns the
+    /// page to request, or `None` when it is already there (its waiters are
+    /// woken) or already requested.
+    pub fn on_fault(&self, addr: u64) -> Result<Option<(u16, u64)>, PostcopyError> {
+        let Some((region, page)) = self.page_of(addr) else {
+            return Ok(None);
+        };
+        let now = Instant::now();
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            if pending.contains_key(&(region, page)) {
+                return Ok(None);
+            }
+            if !self.has(region, page) {
+                pending.insert((region, page), now);
+                self.faults.fetch_add(1, Ordering::Relaxed);
+                // Re-check: an install between the test and the insert would
+                // have missed the entry.
+                if !self.has(region, page) {
+                    return Ok(Some((region, page)));
+                }
+                pending.remove(&(region, page));
+            }
+        }
+        // Installed while the fault was queued: make sure it is awake (and,
+        // in place, mapped: a page in the cache but not mapped faults too).
+        if let Some(uffd) = self.armed_uffd.get() {
+            let base = self.host(region, page, 1)?;
+            if self.second.is_some() {
+                uffd.continue_range(base, PAGE_SIZE as usize)?;
+            } else {
+                uffd.wake(base, PAGE_SIZE as usize)?;
+            }
+        }
+        Ok(None)
+    }
+
+    /// The armed userfaultfd, if postcopy started.
+    pub fn uffd(&self) -> Option<Arc<Uffd>> {
+        self.armed_uffd.get().cloned()
+    }
+
+    /// Takes the userfaultfd out, so that dropping the installer does not
+    /// close it (used when postcopy fails: the guest's faults stay pending).
+    pub fn take_uffd(&self) -> Option<Arc<Uffd>> {
+        self.uffd
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    /// The report so far.
+    pub fn report(&self) -> DestinationPostcopyReport {
+        let lat = self.latency.lock().unwrap_or_else(PoisonError::into_inner);
+        DestinationPostcopyReport {
+            mode: "ram".into(),
+            faults: self.faults.load(Ordering::Relaxed),
+            fault_latency: lat.as_ref().map(LatencySummary::of).unwrap_or_default(),
+            postcopy_ns: 0,
+            pages_on_demand: self.on_demand.load(Ordering::Relaxed),
+            pages_streamed: self.streamed.load(Ordering::Relaxed),
+            pages_missing_at_switchover: self.missing_at_arm.load(Ordering::Relaxed),
+            section_bytes: 0,
+        }
+    }
+}
+
+/// Nice value of the threads on a fault's path (fault service, urgent
+/// receiver, the source's request server): ahead of the bulk stream on a
+/// busy host.
+pub const URGENT_NICE: i32 = -10;
+
+/// Gives the calling thread [`URGENT_NICE`]; true when the system allowed
+/// it (it needs `CAP_SYS_NICE`; without, the thread keeps its priority).
+pub fn prioritise_urgent_thread() -> bool {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+    // SAFETY: setpriority on this thread's id only changes its nice value.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, URGENT_NICE) == 0 }
+}
+
+/// Something that forwards page requests to the source.
+pub trait RequestSink: Send {
+    /// Asks for `count` pages from `first` of `region`.
+    fn request(&mut self, region: u16, first: u64, count: u32) -> io::Result<()>;
+}
+
+/// The destination's fault service: a thread reading userfaultfd faults and
+/// turning each missing page into a request.
+#[derive(Debug)]
+pub struct FaultService {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<Result<(), String>>>,
+}
+
+impl FaultService {
+    /// Starts serving the faults of `installer`'s armed userfaultfd.
+    pub fn start<S: RequestSink + 'static>(
+        installer: Arc<PageInstaller>,
+        mut sink: S,
+    ) -> Result<FaultService, PostcopyError> {
+        let Some(uffd) = installer.uffd() else {
+            return Err(PostcopyError::Aborted);
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("ferry-faults".into())
+            .spawn(move || -> Result<(), String> {
+                prioritise_urgent_thread();
+                let mut addrs = Vec::with_capacity(64);
+                while !s.load(Ordering::Acquire) {
+                    if !uffd.wait(Duration::from_millis(20)) {
+                        continue;
+                    }
+                    addrs.clear();
+                    uffd.read_faults(&mut addrs).map_err(|e| e.to_string())?;
+                    for &a in &addrs {
+                        if let Some((region, page)) =
+                            installer.on_fault(a).map_err(|e| e.to_string())?
+                        {
+                            sink.request(region, page, 1)
+                                .map_err(|e| format!("could not send a page request: {e}"))?;
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .map_err(os("spawning the fault service"))?;
+        Ok(FaultService {
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    /// Stops the thread; returns its error, if it failed.
+    pub fn stop(&mut self) -> Result<(), String> {
+        self.stop.store(true, Ordering::Release);
+        match self.handle.take() {
+            Some(h) => h
+                .join()
+                .unwrap_or_else(|_| Err("the fault service panicked".into())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for FaultService {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
