@@ -4,7 +4,7 @@
 CARGO ?= cargo
 FUZZ_SECONDS ?= 600
 
-.PHONY: all prereqs demo test lint unit nostd-proof bench bench-migrate bench-transport bench-bitmap fuzz clean
+.PHONY: all prereqs demo test lint unit nostd-proof bench bench-migrate bench-transport bench-postcopy bench-bitmap fuzz clean
 
 all: test
 
@@ -48,6 +48,11 @@ bench-migrate: prereqs
 ## bench-transport: io_uring, SEND_ZC and std streaming 4 GiB beside the raw ceiling.
 bench-transport: prereqs
 	$(CARGO) run --release -p ferry-benches --bin transport_stream -- $(BENCH_ARGS)
+
+## bench-postcopy: postcopy fault latency (urgent vs shared channel), install costs, guest slowdown.
+bench-postcopy: prereqs
+	$(CARGO) build --release -p ferry-host --bin ferry -p ferry-benches --bin postcopy_latency
+	./target/release/postcopy_latency $(BENCH_ARGS)
 
 ## bench-bitmap: the bitmap-scan table (GB/s and pages/s beside the three baselines).
 bench-bitmap: prereqs
