@@ -19,16 +19,17 @@ demo: prereqs
 	$(CARGO) build --release -p ferry-host --bin ferry
 	./target/release/ferry demo $(DEMO_ARGS)
 
-## test: the whole suite: format, lints, unit and integration tests, the no_std proof.
-test: prereqs lint unit nostd-proof
-	@echo "make test: all checks passed."
+## test: the whole suite: format, lints, the no_std proof, then every test
+## (unit, integration, KVM end to end, corpus replay, doctests), closing with
+## a one-line summary.
+test: prereqs lint nostd-proof unit
 
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --release -- -D warnings
 
 unit:
-	$(CARGO) test --workspace --release
+	CARGO=$(CARGO) scripts/unit.sh
 
 ## nostd-proof: a no_std staticlib with its own panic handler links ferry-core,
 ## so anything in core that pulls in std or alloc breaks this build.
