@@ -945,12 +945,15 @@ fn receive_inner<S: GuestStarter>(
         (true, Some(second)) => second.mem_regions(),
         (true, None) => Vec::new(),
     };
+    // The control channel carries headers, device state and (rare) resent
+    // pages, all received into a buffer: it registers no guest RAM, which
+    // saves pinning it once more before the first page can arrive.
     let ctl_chan = AnyChannel::new(
         ctl_conn.try_clone().map_err(|source| LinkError::Io {
             what: "duplicating the control socket",
             source,
         })?,
-        &regions,
+        &[],
         transport,
         &probe,
     )
@@ -1030,11 +1033,7 @@ fn receive_inner<S: GuestStarter>(
         let result = (|| {
             let mut ctl = ctl_chan;
             let buf_len = (MAX_SECTION_CHUNK as usize).max(MAX_RUN_BYTES);
-            let mut dec = if postcopy_ram {
-                WireDecoder::buffered(neg, buf_len)
-            } else {
-                WireDecoder::new(neg, MAX_SECTION_CHUNK as usize)
-            };
+            let mut dec = WireDecoder::buffered(neg, buf_len);
             let mut buf = vec![0u8; buf_len];
             let mut sections: BTreeMap<u16, (Vec<u8>, bool)> = BTreeMap::new();
             let mut pc_sections: BTreeMap<u16, (Vec<u8>, bool)> = BTreeMap::new();
@@ -1184,6 +1183,27 @@ fn receive_inner<S: GuestStarter>(
                                 true,
                             )?,
                             None => {
+                                if let Repr::PageRun {
+                                    region,
+                                    first,
+                                    count,
+                                    ..
+                                } = rec.repr
+                                {
+                                    // The decoder checked the run against the
+                                    // layout; the copy checks it once more.
+                                    let placed = ram.region(region).is_some_and(|r| {
+                                        r.write_pages(first, u64::from(count), payload)
+                                    });
+                                    if !placed {
+                                        return Err(DestinationErrorKind::Unexpected {
+                                            channel: "control".into(),
+                                            record: format!(
+                                                "page run {first}+{count} outside region {region}"
+                                            ),
+                                        });
+                                    }
+                                }
                                 apply_page_record(ram, &neg, &rec, &torn, &ret, &mut stats, true)?
                             }
                         }

@@ -226,8 +226,13 @@ pub struct SourceReport {
     pub pages_resent: u64,
     /// Bytes of device state sent in the downtime.
     pub device_bytes: u64,
-    /// Mean payload throughput over the whole migration, bytes/s.
+    /// Mean throughput over the whole migration (setup included), bytes/s.
     pub throughput: u64,
+    /// Time spent connecting and setting up the channels before the first
+    /// page was sent, in nanoseconds.
+    pub setup_ns: u64,
+    /// Mean throughput from the first page sent to *go*, bytes/s.
+    pub transfer_throughput: u64,
     /// Pending bytes when the guest was paused.
     pub final_pending: u64,
     /// CLOCK_MONOTONIC reading when the guest was paused, in nanoseconds.

@@ -73,6 +73,23 @@ impl RamRegion {
         true
     }
 
+    /// Copies `bytes` over pages `first..first + count`; false (nothing
+    /// written) when they are not all inside the region or `bytes` is not
+    /// exactly that long.
+    pub fn write_pages(&self, first: u64, count: u64, bytes: &[u8]) -> bool {
+        let Some((off, len)) = self.byte_range(first, count) else {
+            return false;
+        };
+        if bytes.len() != len {
+            return false;
+        }
+        // SAFETY: the range lies inside the mapping, which stays mapped while
+        // the owning `Ram` lives; the destination writes guest memory only
+        // while its guest is not running, and `bytes` is a separate buffer.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.host.as_ptr().add(off), len) };
+        true
+    }
+
     /// True when every byte of the page is zero.
     pub fn page_is_zero(&self, page: u64) -> bool {
         // SAFETY: a read that tolerates tearing: a page misjudged because the
