@@ -939,7 +939,11 @@ impl PageInstaller {
                 uffd.register_missing(base, (pages * PAGE_SIZE) as usize)?;
             }
         }
+        // The zap is in the downtime and the pages to drop are scattered
+        // (those the guest dirtied since they were sent): give them to the
+        // kernel in batches, which also batches the TLB flushes.
         let mut zapped = 0;
+        let mut zap = Zapper::new();
         for (r, &(base, pages)) in self.regions.iter().enumerate() {
             let mut p = 0;
             while p < pages {
@@ -953,21 +957,11 @@ impl PageInstaller {
                 }
                 let addr = base + (start * PAGE_SIZE) as usize;
                 let len = ((p - start) * PAGE_SIZE) as usize;
-                // SAFETY: the range lies inside guest RAM, which the guest does
-                // not use yet; its contents are stale or never written. On
-                // memfd RAM this only drops the guest mapping's page-table
-                // entries (the page cache, where pages arrive, stays).
-                let rc =
-                    unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
-                if rc != 0 {
-                    return Err(PostcopyError::Os {
-                        op: "madvise(MADV_DONTNEED)",
-                        source: io::Error::last_os_error(),
-                    });
-                }
+                zap.push(addr, len)?;
                 zapped += p - start;
             }
         }
+        zap.flush()?;
         self.missing_at_arm.store(zapped, Ordering::Relaxed);
         if self.second.is_some() {
             // In place: the pages received so far sit in the page cache but
@@ -1225,5 +1219,92 @@ impl FaultService {
 impl Drop for FaultService {
     fn drop(&mut self) {
         let _ = self.stop();
+    }
+}
+
+/// Drops page ranges of this process (`MADV_DONTNEED`), many per system call
+/// through `process_madvise` where the kernel takes `MADV_DONTNEED` there,
+/// one `madvise` per range otherwise.
+///
+/// The ranges must lie in guest RAM that no vCPU runs on yet.
+struct Zapper {
+    pidfd: Option<std::os::fd::OwnedFd>,
+    batch: Vec<libc::iovec>,
+}
+
+impl Zapper {
+    /// At most this many ranges per `process_madvise` (the kernel's UIO_MAXIOV).
+    const BATCH: usize = 1024;
+
+    fn new() -> Zapper {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
+        let pidfd = if fd >= 0 {
+            // SAFETY: the descriptor was just returned to us and is owned by nobody else.
+            Some(unsafe {
+                <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32)
+            })
+        } else {
+            None
+        };
+        Zapper {
+            pidfd,
+            batch: Vec::with_capacity(Self::BATCH),
+        }
+    }
+
+    fn push(&mut self, addr: usize, len: usize) -> Result<(), PostcopyError> {
+        self.batch.push(libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: len,
+        });
+        if self.batch.len() == Self::BATCH {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), PostcopyError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let want: usize = self.batch.iter().map(|v| v.iov_len).sum();
+        if let Some(fd) = &self.pidfd {
+            // SAFETY: the iovecs describe ranges of this process's guest RAM
+            // (see the type's contract); the kernel only reads the array.
+            let done = unsafe {
+                libc::syscall(
+                    libc::SYS_process_madvise,
+                    std::os::fd::AsRawFd::as_raw_fd(fd),
+                    self.batch.as_ptr(),
+                    self.batch.len(),
+                    libc::MADV_DONTNEED,
+                    0u32,
+                )
+            };
+            if done >= 0 && done as usize == want {
+                self.batch.clear();
+                return Ok(());
+            }
+            // Older kernels refuse MADV_DONTNEED here (EINVAL); a short
+            // count leaves the rest. Either way: one range at a time below
+            // (dropping a range twice is harmless).
+            if done < 0 {
+                self.pidfd = None;
+            }
+        }
+        for v in self.batch.drain(..) {
+            // SAFETY: as above: a range of guest RAM the guest does not use
+            // yet; its contents are stale or never written. On memfd RAM this
+            // only drops the guest mapping's page-table entries.
+            let rc = unsafe { libc::madvise(v.iov_base, v.iov_len, libc::MADV_DONTNEED) };
+            if rc != 0 {
+                return Err(PostcopyError::Os {
+                    op: "madvise(MADV_DONTNEED)",
+                    source: io::Error::last_os_error(),
+                });
+            }
+        }
+        Ok(())
     }
 }
