@@ -628,7 +628,13 @@ fn print_report(r: &DemoReport, json: bool) -> Result<(), BoxError> {
             s.zero_pages,
             s.pages_resent
         )?;
-        writeln!(out, "  throughput       {}", human_rate(s.throughput))?;
+        writeln!(
+            out,
+            "  throughput       {} overall; {} after {:.0} ms of setup (connect, rings, registering RAM)",
+            human_rate(s.throughput),
+            human_rate(s.transfer_throughput),
+            s.setup_ns as f64 / 1e6
+        )?;
         writeln!(out, "  transport        {}", s.transport)?;
         if let Some(p) = &s.postcopy {
             writeln!(
