@@ -447,3 +447,153 @@ fn a_guest_faster_than_the_link_does_not_converge() {
     let derr = dst.expect_err("the destination sees the source go away");
     assert!(!derr.go_received);
 }
+
+/// A page that arrives torn and is not healed by a later copy before the end
+/// of the stream: the destination asks for it again on the return path, the
+/// (stopped) source resends it on the control channel, and only then does
+/// the destination say ready. Driven by a hand-made source so the tear is
+/// certain.
+#[test]
+fn a_page_still_torn_at_the_end_is_asked_for_again_before_ready() {
+    use ferry_core::wire::{Capabilities, Hello, Repr, ReturnRepr, StreamEncoder, HEADER_LEN};
+    use ferry_host::link;
+    use ferry_uring::{AnyChannel, Channel, OutRecord, Payload};
+
+    let src_mem = memory(8 * MIB);
+    let dst_mem = memory(8 * MIB);
+    fill(&src_mem);
+    let listener = Listener::bind(&"127.0.0.1:0".parse().expect("endpoint")).expect("bind");
+    let endpoint = listener.local_endpoint().expect("endpoint");
+    let (src_ram, dst_ram) = (Ram::from_memory(&src_mem), Ram::from_memory(&dst_mem));
+    let transport = Transport::Std(RecvStrategy::Direct);
+    let page = 5u64;
+    // SAFETY: nothing writes the source memory during the test.
+    let good = unsafe { src_ram.regions()[0].pages_slice(page, 1) }
+        .expect("page")
+        .to_vec();
+    let (dst, resends) = thread::scope(|s| {
+        let dst = s.spawn(|| {
+            let mut starter = Starter::default();
+            destination::receive(&listener, &dst_ram, &mut starter, transport).map(|r| (r, starter))
+        });
+        let probe = ferry_uring::probe();
+        let layout = src_ram.layout().expect("layout");
+        let caps = Capabilities {
+            postcopy_ram: false,
+            postcopy_only_sections: false,
+            payload_checksums: true,
+            channels: 2,
+        };
+        let mut ctl_conn = link::connect(&endpoint).expect("connect");
+        let (neg, mut ret_dec) = link::source_handshake(
+            &mut ctl_conn,
+            &Hello::new(caps, layout),
+            Duration::from_secs(10),
+        )
+        .expect("handshake");
+        let mut ret_conn = ctl_conn.try_clone().expect("clone");
+        let mut ctl = AnyChannel::new(ctl_conn, &[], transport, &probe).expect("control channel");
+        let mut bulk = AnyChannel::new(
+            link::connect(&endpoint).expect("connect bulk"),
+            &src_ram.mem_regions(),
+            transport,
+            &probe,
+        )
+        .expect("bulk channel");
+        let (mut ctl_enc, mut bulk_enc) = (StreamEncoder::new(&neg), StreamEncoder::new(&neg));
+        let mut h = [0u8; HEADER_LEN];
+        // The page, with a checksum that does not match what arrives: torn.
+        let run = Repr::PageRun {
+            region: 0,
+            first: page,
+            count: 1,
+            requested: false,
+        };
+        bulk_enc
+            .encode_with_crc(&run, ferry_core::wire::payload_crc(&good) ^ 1, &mut h)
+            .expect("encode");
+        bulk.send(&[OutRecord {
+            header: h,
+            payload: Payload::Guest {
+                region: 0,
+                offset: page * PAGE_SIZE,
+                len: PAGE_SIZE,
+            },
+        }])
+        .expect("send torn page");
+        bulk_enc
+            .encode_with_crc(&Repr::End, 0, &mut h)
+            .expect("encode");
+        bulk.send(&[OutRecord {
+            header: h,
+            payload: Payload::None,
+        }])
+        .and_then(|_| bulk.flush())
+        .expect("end bulk");
+        let state = b"device".to_vec();
+        ctl_enc
+            .encode(
+                &Repr::Section {
+                    section: 1,
+                    offset: 0,
+                    len: state.len() as u32,
+                    last: true,
+                },
+                &state,
+                &mut h,
+            )
+            .expect("encode");
+        ctl.send(&[OutRecord {
+            header: h,
+            payload: Payload::Bytes(&state),
+        }])
+        .expect("section");
+        ctl_enc.encode(&Repr::End, &[], &mut h).expect("encode");
+        ctl.send(&[OutRecord {
+            header: h,
+            payload: Payload::None,
+        }])
+        .and_then(|_| ctl.flush())
+        .expect("end");
+        // Serve resends until ready, then go.
+        let mut resends = 0;
+        loop {
+            let rec = link::read_return(&mut ret_conn, &mut ret_dec).expect("a return record");
+            match rec.repr {
+                ReturnRepr::Resend {
+                    region: 0,
+                    first,
+                    count: 1,
+                } if first == page => {
+                    resends += 1;
+                    ctl_enc.encode(&run, &good, &mut h).expect("encode");
+                    ctl.send(&[OutRecord {
+                        header: h,
+                        payload: Payload::Bytes(&good),
+                    }])
+                    .and_then(|_| ctl.flush())
+                    .expect("resend");
+                }
+                ReturnRepr::Ready => break,
+                other => panic!("unexpected return record {other:?}"),
+            }
+        }
+        ctl_enc.encode(&Repr::Go, &[], &mut h).expect("encode");
+        ctl.send(&[OutRecord {
+            header: h,
+            payload: Payload::None,
+        }])
+        .and_then(|_| ctl.flush())
+        .expect("go");
+        (dst.join().expect("destination thread"), resends)
+    });
+    let (report, starter) = dst.expect("the destination completes");
+    assert!(resends >= 1, "the torn page was asked for again");
+    assert!(report.resend_requests >= 1);
+    assert_eq!(starter.sections.len(), 1);
+    // SAFETY: the destination is done with its memory.
+    let got = unsafe { dst_ram.regions()[0].pages_slice(page, 1) }
+        .expect("page")
+        .to_vec();
+    assert_eq!(got, good, "the page on the destination is the intact copy");
+}
