@@ -21,6 +21,7 @@ pub mod migration;
 pub mod postcopy;
 pub mod ram;
 pub mod source;
+mod uffd_abi;
 pub mod vmm;
 
 /// The README's code examples, compiled as doctests so they stay true.

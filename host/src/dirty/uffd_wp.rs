@@ -53,69 +53,9 @@ use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 use super::PAGE_SIZE;
 use super::{bitmap_words, check_mask, check_range, mask_runs, DirtyError, DirtyTracker, Result};
 
-/// The userfaultfd ABI, from `linux/userfaultfd.h`.
+/// The userfaultfd ABI, shared with the other userfaultfd user.
 mod abi {
-    /// The ioctl type byte.
-    pub const UFFDIO: u32 = 0xAA;
-    /// API version.
-    pub const UFFD_API: u64 = 0xAA;
-    pub const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
-    pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
-    pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-    pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
-    pub const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
-    /// Bit of `uffdio_register.ioctls` saying UFFDIO_WRITEPROTECT works on the range.
-    pub const UFFDIO_WRITEPROTECT_BIT: u64 = 1 << 0x06;
-    pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-    pub const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
-
-    #[repr(C)]
-    #[derive(Default)]
-    pub struct UffdioApi {
-        pub api: u64,
-        pub features: u64,
-        pub ioctls: u64,
-    }
-
-    #[repr(C)]
-    #[derive(Default, Clone, Copy)]
-    pub struct UffdioRange {
-        pub start: u64,
-        pub len: u64,
-    }
-
-    #[repr(C)]
-    #[derive(Default)]
-    pub struct UffdioRegister {
-        pub range: UffdioRange,
-        pub mode: u64,
-        pub ioctls: u64,
-    }
-
-    #[repr(C)]
-    #[derive(Default)]
-    pub struct UffdioWriteprotect {
-        pub range: UffdioRange,
-        pub mode: u64,
-    }
-
-    /// `struct uffd_msg`: for a page fault, `arg[0]` is the flags and `arg[1]` the address.
-    #[repr(C)]
-    #[derive(Default, Clone, Copy)]
-    pub struct UffdMsg {
-        pub event: u8,
-        pub reserved1: u8,
-        pub reserved2: u16,
-        pub reserved3: u32,
-        pub arg: [u64; 3],
-    }
-
-    vmm_sys_util::ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3F, UffdioApi);
-    vmm_sys_util::ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, UffdioRegister);
-    vmm_sys_util::ioctl_ior_nr!(UFFDIO_UNREGISTER, UFFDIO, 0x01, UffdioRange);
-    vmm_sys_util::ioctl_iowr_nr!(UFFDIO_WRITEPROTECT, UFFDIO, 0x06, UffdioWriteprotect);
-
-    const _: () = assert!(std::mem::size_of::<UffdMsg>() == 32);
+    pub use crate::uffd_abi::*;
 }
 
 use abi::*;
