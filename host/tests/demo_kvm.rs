@@ -130,3 +130,67 @@ fn a_destination_with_other_ram_is_refused_and_the_guest_stays() {
     );
     let _ = rx.wait();
 }
+
+#[test]
+fn a_destination_process_killed_mid_precopy_leaves_the_guest_running_intact() {
+    if !kvm_present() {
+        return;
+    }
+    let mut rx = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "receive",
+            "--listen",
+            "127.0.0.1:0",
+            "--mem",
+            "512M",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start ferry receive");
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(rx.stdout.take().expect("stdout")));
+    let first = lines.next().expect("a line").expect("utf-8");
+    let addr = first
+        .strip_prefix("listening tcp:")
+        .expect("listening line")
+        .to_string();
+    // A capped link makes the first pass last several seconds.
+    let tx = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "send",
+            "--to",
+            &addr,
+            "--mem",
+            "512M",
+            "--dirty-rate",
+            "20M",
+            "--bandwidth",
+            "64M",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start ferry send");
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    rx.kill().expect("kill the destination");
+    let _ = rx.wait();
+    let out = tx.wait_with_output().expect("ferry send ends");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    assert!(!out.status.success());
+    assert_eq!(report["ok"], false, "{report:#}");
+    assert!(
+        report["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{report:#}"
+    );
+    let check = &report["source_guest_after_failure"];
+    assert_eq!(
+        check["running"], true,
+        "the guest runs on at the source: {report:#}"
+    );
+    assert!(
+        check["pages_checked"].as_u64().unwrap_or(0) > 100_000,
+        "{report:#}"
+    );
+    assert_eq!(check["mismatches"], 0, "{report:#}");
+}

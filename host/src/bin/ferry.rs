@@ -278,6 +278,38 @@ struct DemoReport {
     source: SourceReport,
     destination: Option<DestinationSummary>,
     guest_verified: bool,
+    /// After a failure before *ready*: the guest's own check of its memory
+    /// back on the source, where it runs on.
+    source_guest_after_failure: Option<SourceGuestCheck>,
+}
+
+/// The guest's verification on the source after a failed migration.
+#[derive(Debug, Serialize)]
+struct SourceGuestCheck {
+    running: bool,
+    pages_checked: u64,
+    mismatches: u64,
+}
+
+/// When the migration failed and the guest was resumed here, asks it to
+/// check its memory: the proof that a failure lost nothing.
+fn check_source_guest(vm: &Vm, failed: bool) -> Option<SourceGuestCheck> {
+    if !failed {
+        return None;
+    }
+    if vm.is_paused() {
+        return Some(SourceGuestCheck {
+            running: false,
+            pages_checked: 0,
+            mismatches: 0,
+        });
+    }
+    let v = vm.request_verify(Duration::from_secs(120)).ok()?;
+    Some(SourceGuestCheck {
+        running: true,
+        pages_checked: v.pages_checked,
+        mismatches: v.mismatches,
+    })
 }
 
 fn progress(json: bool) -> ProgressBar {
@@ -542,15 +574,7 @@ fn demo(a: DemoArgs) -> Result<ExitCode, BoxError> {
         Ok(r) => (r.clone(), None),
         Err(e) => (SourceReport::default(), Some(e.to_string())),
     };
-    if let Err(e) = &result {
-        // The guest runs on the source again: show it is intact.
-        if !vm.is_paused() {
-            if let Ok(v) = vm.request_verify(Duration::from_secs(120)) {
-                eprintln!("ferry: the guest still runs on the source and verifies its memory: {} pages checked, {} mismatches", v.pages_checked, v.mismatches);
-            }
-        }
-        let _ = e;
-    }
+    let source_check = check_source_guest(&vm, result.is_err());
     let downtime_ms = match (&result, &dest) {
         (Ok(s), Some(d)) if d.ok => {
             Some(d.resumed_at_ns.saturating_sub(s.paused_at_ns) as f64 / 1e6)
@@ -572,6 +596,7 @@ fn demo(a: DemoArgs) -> Result<ExitCode, BoxError> {
         source,
         destination: dest,
         guest_verified: verified,
+        source_guest_after_failure: source_check,
     };
     print_report(&report, a.migrate.json)?;
     Ok(if report.ok {
@@ -602,6 +627,20 @@ fn print_report(r: &DemoReport, json: bool) -> Result<(), BoxError> {
         r.vcpus,
         human_bytes(r.dirty_rate)
     )?;
+    if let Some(c) = &r.source_guest_after_failure {
+        if c.running {
+            writeln!(
+                out,
+                "  source guest     runs on here and verified its memory: {} pages checked, {} mismatches",
+                c.pages_checked, c.mismatches
+            )?;
+        } else {
+            writeln!(
+                out,
+                "  source guest     paused here: check the destination before resuming it"
+            )?;
+        }
+    }
     if let Some(e) = &r.error {
         writeln!(out, "  error            {e}")?;
     }
@@ -693,6 +732,7 @@ fn send(a: SendArgs) -> Result<ExitCode, BoxError> {
         Ok(r) => (r.clone(), None),
         Err(e) => (SourceReport::default(), Some(e.to_string())),
     };
+    let source_check = check_source_guest(&vm, result.is_err());
     let report = DemoReport {
         ok: result.is_ok(),
         error,
@@ -708,6 +748,7 @@ fn send(a: SendArgs) -> Result<ExitCode, BoxError> {
         source,
         destination: None,
         guest_verified: false,
+        source_guest_after_failure: source_check,
     };
     print_report(&report, a.migrate.json)?;
     Ok(if report.ok {
