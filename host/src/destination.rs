@@ -228,6 +228,22 @@ impl Torn {
         }
     }
 
+    /// Asks the source, on the return path, for every torn page again.
+    fn ask_again(&self, ret: &ReturnWriter) -> Result<(), LinkError> {
+        for (region, first, count) in self.runs() {
+            ret.send(&ReturnRepr::Resend {
+                region,
+                first,
+                count,
+            })
+            .map_err(|source| LinkError::Io {
+                what: "asking for torn pages again",
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
     /// The torn pages as runs.
     fn runs(&self) -> Vec<(u16, u64, u32)> {
         let Ok(p) = self.pages.lock() else {
@@ -1241,19 +1257,7 @@ fn receive_inner<S: GuestStarter>(
                                 )?);
                                 // Torn pages are missing now: the source adds them
                                 // to its background stream.
-                                for (region, first, count) in torn.runs() {
-                                    ret.send(&ReturnRepr::Resend {
-                                        region,
-                                        first,
-                                        count,
-                                    })
-                                    .map_err(|source| {
-                                        LinkError::Io {
-                                            what: "asking for torn pages again",
-                                            source,
-                                        }
-                                    })?;
-                                }
+                                torn.ask_again(&ret)?;
                                 mode = Mode::Ram;
                             }
                             (true, false, None) => {
@@ -1265,19 +1269,7 @@ fn receive_inner<S: GuestStarter>(
                             }
                             _ => {
                                 join_bulk(&mut handles, &mut stats)?;
-                                for (region, first, count) in torn.runs() {
-                                    ret.send(&ReturnRepr::Resend {
-                                        region,
-                                        first,
-                                        count,
-                                    })
-                                    .map_err(|source| {
-                                        LinkError::Io {
-                                            what: "asking for torn pages again",
-                                            source,
-                                        }
-                                    })?;
-                                }
+                                torn.ask_again(&ret)?;
                                 if listen {
                                     mode = Mode::Sections;
                                 }

@@ -201,35 +201,30 @@ impl Uffd {
         Ok(())
     }
 
-    /// Places `src` at `dst` (both page-aligned, whole pages) and wakes the
-    /// waiters. Pages already present are skipped and their waiters woken;
-    /// returns how many were.
-    ///
-    /// # Safety
-    ///
-    /// `dst..dst + src.len()` must lie in a range registered with this
-    /// userfaultfd in MISSING mode.
-    pub unsafe fn copy(&self, dst: usize, src: &[u8]) -> Result<u64, PostcopyError> {
+    /// Drives one of the filling ioctls (COPY, ZEROPAGE, CONTINUE) over
+    /// `dst..dst + len`: `call(offset)` issues it for the rest of the range
+    /// from `offset` and returns the ioctl's result and the bytes it reports
+    /// done. A page that is already there (EEXIST) is skipped and its waiters
+    /// woken; EAGAIN (the mapping changed under the call) is retried.
+    /// Returns how many pages were skipped.
+    fn fill_range(
+        &self,
+        op: &'static str,
+        dst: usize,
+        len: usize,
+        mut call: impl FnMut(usize) -> (i32, i64),
+    ) -> Result<u64, PostcopyError> {
+        let page = PAGE_SIZE as usize;
         let mut done = 0usize;
         let mut skipped = 0u64;
-        let page = PAGE_SIZE as usize;
-        while done < src.len() {
-            let mut c = UffdioCopy {
-                dst: (dst + done) as u64,
-                src: src[done..].as_ptr() as u64,
-                len: (src.len() - done) as u64,
-                mode: 0,
-                copy: 0,
-            };
-            // SAFETY: UFFDIO_COPY reads `src` (a live slice) and writes the
-            // registered destination range only, inside the kernel.
-            let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_COPY(), &mut c) };
-            if c.copy > 0 {
-                done += c.copy as usize;
+        while done < len {
+            let (ret, progressed) = call(done);
+            if progressed > 0 {
+                done += progressed as usize;
             }
             if ret == 0 {
-                if c.copy <= 0 {
-                    done = src.len();
+                if progressed <= 0 {
+                    done = len;
                 }
                 continue;
             }
@@ -243,23 +238,40 @@ impl Uffd {
                     skipped += 1;
                 }
                 Some(libc::EAGAIN) => {}
-                _ => {
-                    return Err(PostcopyError::Os {
-                        op: "UFFDIO_COPY",
-                        source: e,
-                    })
-                }
+                _ => return Err(PostcopyError::Os { op, source: e }),
             }
         }
         Ok(skipped)
     }
 
+    /// Places `src` at `dst` (both page-aligned, whole pages) and wakes the
+    /// waiters. Pages already present are skipped and their waiters woken;
+    /// returns how many were.
+    ///
+    /// # Safety
+    ///
+    /// `dst..dst + src.len()` must lie in a range registered with this
+    /// userfaultfd in MISSING mode.
+    pub unsafe fn copy(&self, dst: usize, src: &[u8]) -> Result<u64, PostcopyError> {
+        self.fill_range("UFFDIO_COPY", dst, src.len(), |done| {
+            let mut c = UffdioCopy {
+                dst: (dst + done) as u64,
+                src: src[done..].as_ptr() as u64,
+                len: (src.len() - done) as u64,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: UFFDIO_COPY reads `src` (a live slice) and writes the
+            // registered destination range only, inside the kernel.
+            let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_COPY(), &mut c) };
+            (ret, c.copy)
+        })
+    }
+
     /// Maps zero pages over `dst..dst + len` and wakes the waiters (pages
     /// already present are left alone and woken).
     pub fn zeropage(&self, dst: usize, len: usize) -> Result<(), PostcopyError> {
-        let page = PAGE_SIZE as usize;
-        let mut done = 0usize;
-        while done < len {
+        self.fill_range("UFFDIO_ZEROPAGE", dst, len, |done| {
             let mut z = UffdioZeropage {
                 range: UffdioRange {
                     start: (dst + done) as u64,
@@ -270,40 +282,16 @@ impl Uffd {
             };
             // SAFETY: UFFDIO_ZEROPAGE reads and writes `z` only.
             let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_ZEROPAGE(), &mut z) };
-            if z.zeropage > 0 {
-                done += z.zeropage as usize;
-            }
-            if ret == 0 {
-                if z.zeropage <= 0 {
-                    done = len;
-                }
-                continue;
-            }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EEXIST) => {
-                    self.wake(dst + done, page)?;
-                    done += page;
-                }
-                Some(libc::EAGAIN) => {}
-                _ => {
-                    return Err(PostcopyError::Os {
-                        op: "UFFDIO_ZEROPAGE",
-                        source: e,
-                    })
-                }
-            }
-        }
-        Ok(())
+            (ret, z.zeropage)
+        })
+        .map(|_| ())
     }
 
     /// Maps the page-cache pages behind `dst..dst + len` (filled through a
     /// second mapping of the memfd) and wakes the waiters: no user-space copy.
     /// Pages already mapped are left alone and their waiters woken.
     pub fn continue_range(&self, dst: usize, len: usize) -> Result<(), PostcopyError> {
-        let page = PAGE_SIZE as usize;
-        let mut done = 0usize;
-        while done < len {
+        self.fill_range("UFFDIO_CONTINUE", dst, len, |done| {
             let mut c = UffdioContinue {
                 range: UffdioRange {
                     start: (dst + done) as u64,
@@ -314,31 +302,9 @@ impl Uffd {
             };
             // SAFETY: UFFDIO_CONTINUE reads and writes `c` only.
             let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_CONTINUE(), &mut c) };
-            if c.mapped > 0 {
-                done += c.mapped as usize;
-            }
-            if ret == 0 {
-                if c.mapped <= 0 {
-                    done = len;
-                }
-                continue;
-            }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EEXIST) => {
-                    self.wake(dst + done, page)?;
-                    done += page;
-                }
-                Some(libc::EAGAIN) => {}
-                _ => {
-                    return Err(PostcopyError::Os {
-                        op: "UFFDIO_CONTINUE",
-                        source: e,
-                    })
-                }
-            }
-        }
-        Ok(())
+            (ret, c.mapped)
+        })
+        .map(|_| ())
     }
 
     /// Registers `addr..addr + len` of shared memory for both MISSING and
