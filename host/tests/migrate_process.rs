@@ -4,123 +4,37 @@
 //! the real transports.
 
 mod common;
-use common::{fill, memory, same_bytes, tracker_for};
+use common::{fill, memory, same_bytes, tracker_for, Writer};
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::Duration;
 
 use ferry_host::destination::{self, DestinationErrorKind};
 use ferry_host::link::{Endpoint, Listener};
-use ferry_host::migration::{
-    CallbackError, DeviceSection, GuestControl, GuestStarter, SourceConfig,
-};
+use ferry_host::migration::{CallbackError, DeviceSection, GuestStarter, SourceConfig};
 use ferry_host::ram::{Ram, PAGE_SIZE};
 use ferry_host::source::{self, SourceError, SourceLink};
 use ferry_uring::{RecvStrategy, Transport, UringConfig};
 
 const MIB: u64 = 1 << 20;
 
-/// A "guest": a thread that rewrites pages of a memory region until paused.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    pause: Arc<AtomicBool>,
-    parked: Arc<AtomicBool>,
-    pauses: Arc<AtomicU64>,
-    resumes: Arc<AtomicU64>,
-    written: Arc<AtomicU64>,
-    handle: Option<thread::JoinHandle<()>>,
-}
-
-impl Writer {
-    /// Writes pages of `base..base+len` in a pseudo-random order, `pages_per_ms`
-    /// pages per millisecond (0: as fast as it can).
-    fn start(base: usize, len: usize, pages_per_ms: u64, hot_pages: u64) -> Writer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let pause = Arc::new(AtomicBool::new(false));
-        let parked = Arc::new(AtomicBool::new(false));
-        let written = Arc::new(AtomicU64::new(0));
-        let (s, p, k, w) = (stop.clone(), pause.clone(), parked.clone(), written.clone());
-        let handle = thread::spawn(move || {
-            let pages = (len as u64 / PAGE_SIZE).min(hot_pages.max(1));
-            let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-            let mut version: u64 = 1;
-            while !s.load(Ordering::Acquire) {
-                if p.load(Ordering::Acquire) {
-                    k.store(true, Ordering::Release);
-                    thread::sleep(Duration::from_micros(200));
-                    continue;
-                }
-                k.store(false, Ordering::Release);
-                let burst = if pages_per_ms == 0 { 64 } else { pages_per_ms };
-                for _ in 0..burst {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    let page = x % pages;
-                    version += 1;
-                    let ptr = (base + (page * PAGE_SIZE) as usize) as *mut u64;
-                    for i in 0..(PAGE_SIZE / 8) as usize {
-                        // SAFETY: inside the test's own mapping.
-                        unsafe { ptr.add(i).write_volatile(version ^ (page << 32) ^ i as u64) };
-                    }
-                    w.fetch_add(1, Ordering::Relaxed);
-                }
-                if pages_per_ms != 0 {
-                    thread::sleep(Duration::from_millis(1));
-                }
-            }
-        });
-        Writer {
-            stop,
-            pause,
-            parked,
-            pauses: Arc::new(AtomicU64::new(0)),
-            resumes: Arc::new(AtomicU64::new(0)),
-            written,
-            handle: Some(handle),
-        }
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-impl GuestControl for Writer {
-    fn pause(&mut self) -> Result<(), CallbackError> {
-        self.pauses.fetch_add(1, Ordering::Relaxed);
-        self.pause.store(true, Ordering::Release);
-        while !self.parked.load(Ordering::Acquire) {
-            thread::sleep(Duration::from_micros(50));
-        }
-        Ok(())
-    }
-    fn resume(&mut self) -> Result<(), CallbackError> {
-        self.resumes.fetch_add(1, Ordering::Relaxed);
-        self.pause.store(false, Ordering::Release);
-        Ok(())
-    }
-    fn device_state(&mut self) -> Result<Vec<DeviceSection>, CallbackError> {
-        let big: Vec<u8> = (0..3 * MIB as usize).map(|i| (i * 7 % 251) as u8).collect();
-        Ok(vec![
-            DeviceSection {
-                id: 1,
-                bytes: b"registers of the writer".to_vec(),
-            },
-            DeviceSection { id: 2, bytes: big },
-            DeviceSection {
-                id: 3,
-                bytes: Vec::new(),
-            },
-        ])
-    }
+/// The writer of these tests: `hot_pages` of the `len` bytes at `base`,
+/// handing over a large and an empty device section besides the registers.
+fn migrate_writer(base: usize, len: usize, pages_per_ms: u64, hot_pages: u64) -> Writer {
+    let mut w = Writer::start(
+        base,
+        (len as u64 / PAGE_SIZE).min(hot_pages.max(1)),
+        pages_per_ms,
+    );
+    let big: Vec<u8> = (0..3 * MIB as usize).map(|i| (i * 7 % 251) as u8).collect();
+    w.sections.push(DeviceSection { id: 2, bytes: big });
+    w.sections.push(DeviceSection {
+        id: 3,
+        bytes: Vec::new(),
+    });
+    w.estimate = 64 * 1024;
+    w
 }
 
 #[derive(Default)]
@@ -152,7 +66,7 @@ fn migrate_under_writes(transport: Transport, channels: usize, endpoint: Endpoin
     let dst_ram = Ram::from_memory(&dst_mem);
     let base = src_mem.regions()[0].host_ptr() as usize;
     let mut tracker = tracker_for(&src_mem);
-    let mut writer = Writer::start(base, (96 * MIB) as usize, 8, 4096);
+    let mut writer = migrate_writer(base, (96 * MIB) as usize, 8, 4096);
     let (report, dst) = thread::scope(|s| {
         let dst = s.spawn(|| {
             let mut starter = Starter::default();
@@ -233,7 +147,7 @@ fn layout_mismatch_is_refused_and_the_source_is_unharmed() {
     let endpoint = listener.local_endpoint().expect("endpoint");
     let (src_ram, dst_ram) = (Ram::from_memory(&src_mem), Ram::from_memory(&dst_mem));
     let mut tracker = tracker_for(&src_mem);
-    let mut writer = Writer::start(
+    let mut writer = migrate_writer(
         src_mem.regions()[0].host_ptr() as usize,
         (64 * MIB) as usize,
         1,
@@ -283,7 +197,7 @@ fn destination_lost_mid_precopy_leaves_the_source_running() {
     let endpoint = listener.local_endpoint().expect("endpoint");
     let src_ram = Ram::from_memory(&src_mem);
     let mut tracker = tracker_for(&src_mem);
-    let mut writer = Writer::start(
+    let mut writer = migrate_writer(
         src_mem.regions()[0].host_ptr() as usize,
         (256 * MIB) as usize,
         8,
@@ -355,7 +269,7 @@ fn a_guest_faster_than_the_link_does_not_converge() {
     let (src_ram, dst_ram) = (Ram::from_memory(&src_mem), Ram::from_memory(&dst_mem));
     let mut tracker = tracker_for(&src_mem);
     // ~64 pages/ms = 256 MB/s over 16 Ki hot pages, against a 16 MB/s link.
-    let mut writer = Writer::start(
+    let mut writer = migrate_writer(
         src_mem.regions()[0].host_ptr() as usize,
         (64 * MIB) as usize,
         64,

@@ -5,7 +5,7 @@
 //! channel. Real loopback sockets, real transports.
 
 mod common;
-use common::{fill, memory, same_bytes, tracker_for};
+use common::{fill, memory, same_bytes, tracker_for, Writer};
 
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,106 +18,13 @@ use ferry_host::destination::{self, DestinationConfig, DestinationErrorKind};
 use ferry_host::link::{Endpoint, Listener};
 use ferry_host::memory::{GuestMemory, MemoryOptions};
 use ferry_host::migration::{
-    CallbackError, DeviceSection, Event, GuestControl, GuestStarter, SourceConfig,
-    SNAPSHOT_BITMAP_SECTION,
+    CallbackError, DeviceSection, Event, GuestStarter, SourceConfig, SNAPSHOT_BITMAP_SECTION,
 };
 use ferry_host::ram::{Ram, PAGE_SIZE};
 use ferry_host::source::{self, SourceError, SourceLink};
 use ferry_uring::{Transport, UringConfig};
 
 const MIB: u64 = 1 << 20;
-
-/// The source "guest": rewrites random pages of a hot set until paused.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    pause: Arc<AtomicBool>,
-    parked: Arc<AtomicBool>,
-    pauses: Arc<AtomicU64>,
-    resumes: Arc<AtomicU64>,
-    written: Arc<AtomicU64>,
-    estimate: u64,
-    handle: Option<thread::JoinHandle<()>>,
-}
-
-impl Writer {
-    fn start(base: usize, pages: u64, pages_per_ms: u64) -> Writer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let pause = Arc::new(AtomicBool::new(false));
-        let parked = Arc::new(AtomicBool::new(pages_per_ms == 0));
-        let written = Arc::new(AtomicU64::new(0));
-        let (s, p, k, w) = (stop.clone(), pause.clone(), parked.clone(), written.clone());
-        let handle = thread::spawn(move || {
-            let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-            let mut version: u64 = 1;
-            while !s.load(Ordering::Acquire) {
-                if p.load(Ordering::Acquire) || pages_per_ms == 0 {
-                    k.store(true, Ordering::Release);
-                    thread::sleep(Duration::from_micros(200));
-                    continue;
-                }
-                k.store(false, Ordering::Release);
-                for _ in 0..pages_per_ms {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    let page = x % pages;
-                    version += 1;
-                    let ptr = (base + (page * PAGE_SIZE) as usize) as *mut u64;
-                    for i in 0..(PAGE_SIZE / 8) as usize {
-                        // SAFETY: inside the test's own mapping.
-                        unsafe { ptr.add(i).write_volatile(version ^ (page << 32) ^ i as u64) };
-                    }
-                    w.fetch_add(1, Ordering::Relaxed);
-                }
-                thread::sleep(Duration::from_millis(1));
-            }
-        });
-        Writer {
-            stop,
-            pause,
-            parked,
-            pauses: Arc::new(AtomicU64::new(0)),
-            resumes: Arc::new(AtomicU64::new(0)),
-            written,
-            estimate: 4096,
-            handle: Some(handle),
-        }
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-impl GuestControl for Writer {
-    fn pause(&mut self) -> Result<(), CallbackError> {
-        self.pauses.fetch_add(1, Ordering::Relaxed);
-        self.pause.store(true, Ordering::Release);
-        while !self.parked.load(Ordering::Acquire) {
-            thread::sleep(Duration::from_micros(50));
-        }
-        Ok(())
-    }
-    fn resume(&mut self) -> Result<(), CallbackError> {
-        self.resumes.fetch_add(1, Ordering::Relaxed);
-        self.pause.store(false, Ordering::Release);
-        Ok(())
-    }
-    fn device_state(&mut self) -> Result<Vec<DeviceSection>, CallbackError> {
-        Ok(vec![DeviceSection {
-            id: 1,
-            bytes: b"registers of the writer".to_vec(),
-        }])
-    }
-    fn device_state_estimate(&self) -> u64 {
-        self.estimate
-    }
-}
 
 /// The destination "guest": on start, a thread reads random pages (most of
 /// them missing at first) and compares each with the source's final copy.

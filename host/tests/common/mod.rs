@@ -1,9 +1,16 @@
 //! Helpers shared by the process-memory migration tests: guest memory,
-//! its fill pattern, a write-protect tracker over it, and a byte comparison.
+//! its fill pattern, a write-protect tracker over it, a byte comparison, and
+//! a writer thread that stands in for the guest.
 #![allow(dead_code)]
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
 
 use ferry_host::dirty::{ProcessRegion, UffdWpTracker};
 use ferry_host::memory::{GuestMemory, MemoryOptions};
+use ferry_host::migration::{CallbackError, DeviceSection, GuestControl};
 use ferry_host::ram::PAGE_SIZE;
 
 pub fn memory(size: u64) -> GuestMemory {
@@ -56,4 +63,101 @@ pub fn same_bytes(a: &GuestMemory, b: &GuestMemory) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The source "guest": rewrites random pages of a hot set until paused.
+pub struct Writer {
+    stop: Arc<AtomicBool>,
+    pause: Arc<AtomicBool>,
+    parked: Arc<AtomicBool>,
+    pub pauses: Arc<AtomicU64>,
+    pub resumes: Arc<AtomicU64>,
+    pub written: Arc<AtomicU64>,
+    pub estimate: u64,
+    /// What `device_state` hands over.
+    pub sections: Vec<DeviceSection>,
+    handle: Option<thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Rewrites random pages among the first `pages` at `base`,
+    /// `pages_per_ms` pages per millisecond (0: idle).
+    pub fn start(base: usize, pages: u64, pages_per_ms: u64) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let pause = Arc::new(AtomicBool::new(false));
+        let parked = Arc::new(AtomicBool::new(pages_per_ms == 0));
+        let written = Arc::new(AtomicU64::new(0));
+        let (s, p, k, w) = (stop.clone(), pause.clone(), parked.clone(), written.clone());
+        let handle = thread::spawn(move || {
+            let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+            let mut version: u64 = 1;
+            while !s.load(Ordering::Acquire) {
+                if p.load(Ordering::Acquire) || pages_per_ms == 0 {
+                    k.store(true, Ordering::Release);
+                    thread::sleep(Duration::from_micros(200));
+                    continue;
+                }
+                k.store(false, Ordering::Release);
+                for _ in 0..pages_per_ms {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let page = x % pages;
+                    version += 1;
+                    let ptr = (base + (page * PAGE_SIZE) as usize) as *mut u64;
+                    for i in 0..(PAGE_SIZE / 8) as usize {
+                        // SAFETY: inside the test's own mapping.
+                        unsafe { ptr.add(i).write_volatile(version ^ (page << 32) ^ i as u64) };
+                    }
+                    w.fetch_add(1, Ordering::Relaxed);
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+        });
+        Writer {
+            stop,
+            pause,
+            parked,
+            pauses: Arc::new(AtomicU64::new(0)),
+            resumes: Arc::new(AtomicU64::new(0)),
+            written,
+            estimate: 4096,
+            sections: vec![DeviceSection {
+                id: 1,
+                bytes: b"registers of the writer".to_vec(),
+            }],
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl GuestControl for Writer {
+    fn pause(&mut self) -> Result<(), CallbackError> {
+        self.pauses.fetch_add(1, Ordering::Relaxed);
+        self.pause.store(true, Ordering::Release);
+        while !self.parked.load(Ordering::Acquire) {
+            thread::sleep(Duration::from_micros(50));
+        }
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), CallbackError> {
+        self.resumes.fetch_add(1, Ordering::Relaxed);
+        self.pause.store(false, Ordering::Release);
+        Ok(())
+    }
+    fn device_state(&mut self) -> Result<Vec<DeviceSection>, CallbackError> {
+        Ok(self.sections.clone())
+    }
+    fn device_state_estimate(&self) -> u64 {
+        self.estimate
+    }
 }
