@@ -185,7 +185,6 @@ struct SenderStats {
 struct RamPending<'t, T: DirtyTracker> {
     tracker: &'t mut T,
     bitmaps: &'t mut [Vec<u64>],
-    pages: &'t [u64],
     dirty_rate: u64,
     since_sync_ns: u64,
     newly: &'t mut u64,
@@ -251,7 +250,6 @@ impl<T: DirtyTracker> Section for RamPending<'_, T> {
         let mut dirty = 0u64;
         for (r, words) in self.bitmaps.iter_mut().enumerate() {
             *self.newly += self.tracker.sync(r, words)?;
-            let _ = self.pages[r];
             dirty += count_bits(words);
         }
         self.since_sync_ns = 0;
@@ -518,7 +516,6 @@ impl<'r, 'm> Source<'r, 'm> {
                         let mut ram_s = RamPending {
                             tracker,
                             bitmaps: &mut bitmaps,
-                            pages: &pages,
                             dirty_rate: dirty_rate.bytes_per_sec(),
                             since_sync_ns: now - last_sync,
                             newly: &mut newly,

@@ -17,7 +17,7 @@ use serde::Serialize;
 use ferry_host::destination;
 use ferry_host::kvm_guest::{self, IncomingGuest, SourceGuest};
 use ferry_host::link::{Endpoint, Listener};
-use ferry_host::migration::{monotonic_ns, DestinationReport, Event, SourceConfig, SourceReport};
+use ferry_host::migration::{DestinationReport, Event, SourceConfig, SourceReport};
 use ferry_host::postcopy::{DestinationPostcopyReport, PostcopyHandle};
 use ferry_host::ram::Ram;
 use ferry_host::source::{self, SourceLink};
@@ -874,7 +874,6 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
             )?;
         }
     }
-    let _ = monotonic_ns;
     if postcopy_stuck {
         drop(out);
         let _ = std::io::stdout().flush();
