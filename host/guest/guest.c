@@ -22,7 +22,11 @@ static inline u64 rdtsc(void)
 	return ((u64)hi << 32) | lo;
 }
 
-/* The guest's clock: the TSC plus a host-set skew (0 unless a test jumps the clock). */
+/*
+ * The guest's clock: the TSC plus a host-set skew (0 unless a test jumps the clock). It is a
+ * 64-bit counter that may wrap (a destination booted minutes ago reads a TSC far behind the
+ * source's), so readings are only ever compared as signed differences, never with < or >.
+ */
 static inline u64 guest_clock(volatile struct mailbox *mb)
 {
 	return rdtsc() + mb->clock_skew;

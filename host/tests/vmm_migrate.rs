@@ -180,6 +180,11 @@ fn malformed_or_foreign_state_is_refused() {
     ));
 }
 
+/// `a - b` for two readings of the guest's 64-bit clock, which wraps.
+fn clock_diff(a: u64, b: u64) -> i64 {
+    a.wrapping_sub(b) as i64
+}
+
 #[test]
 fn pacing_survives_clock_jumps_after_migration() {
     if !kvm_present() {
@@ -195,23 +200,31 @@ fn pacing_survives_clock_jumps_after_migration() {
     let hz = dst.tsc_hz() as i64;
     let last = src.guest_status().unwrap().vcpus[0].last_tsc;
 
-    // The destination's clock reads 1000 s behind the source's: pacing must restart rather
-    // than wait for the old deadline.
-    dst.skew_guest_clock(-1000 * hz).unwrap();
+    // The destination's clock reads far behind the source's: 1000 s more than the TSC has
+    // counted since boot, as on a destination booted minutes before the migration, so the
+    // skewed clock goes "before zero" and wraps. The guest compares clock readings as
+    // wrapping differences; its pacing must restart rather than wait for the old deadline.
+    let back = i64::try_from(last).expect("a TSC below 2^63") + 1000 * hz;
+    dst.skew_guest_clock(-back).unwrap();
     dst.resume().unwrap();
     let d = dst.guest_status().unwrap().pages_dirtied;
     dst.wait_until(T, "dirty after a backward clock jump", |s| {
         s.pages_dirtied > d + 100
     })
     .unwrap();
-    assert!(dst.guest_status().unwrap().vcpus[0].last_tsc < last);
+    let now = dst.guest_status().unwrap().vcpus[0].last_tsc;
+    assert!(
+        clock_diff(now, last) < -900 * hz,
+        "the guest clock went back: {now:#x} against {last:#x}"
+    );
+    assert!(now > last, "the skewed clock wrapped below zero: {now:#x}");
 
     // 100 s ahead: pacing must not write the missed 100 s of pages in a burst.
     let before = dst.guest_status().unwrap();
     let t0 = std::time::Instant::now();
     dst.skew_guest_clock(1100 * hz).unwrap();
     dst.wait_until(T, "see the jump", |s| {
-        s.vcpus[0].last_tsc > before.vcpus[0].last_tsc + 99 * hz as u64
+        clock_diff(s.vcpus[0].last_tsc, before.vcpus[0].last_tsc) > 99 * hz
     })
     .unwrap();
     std::thread::sleep(Duration::from_millis(200));
