@@ -31,6 +31,23 @@ fn demo(args: &[&str]) -> serde_json::Value {
     report
 }
 
+/// Every line of a `--json` output parses as JSON from its first byte.
+fn json_line(line: &str) -> serde_json::Value {
+    serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("a --json line that is not JSON ({e}): {line:?}"))
+}
+
+/// The `tcp:` address from `ferry receive --json`'s first line.
+fn listening_addr(line: &str) -> String {
+    let v = json_line(line);
+    assert_eq!(v["type"], "listening", "{v}");
+    v["endpoint"]
+        .as_str()
+        .and_then(|e| e.strip_prefix("tcp:"))
+        .unwrap_or_else(|| panic!("no tcp endpoint in {v}"))
+        .to_string()
+}
+
 #[test]
 fn a_kvm_guest_migrates_while_dirtying_and_verifies_on_the_destination() {
     if !kvm_present() {
@@ -92,10 +109,7 @@ fn a_destination_with_other_ram_is_refused_and_the_guest_stays() {
     let mut lines =
         std::io::BufRead::lines(std::io::BufReader::new(rx.stdout.take().expect("stdout")));
     let first = lines.next().expect("a line").expect("utf-8");
-    let addr = first
-        .strip_prefix("listening tcp:")
-        .expect("listening line")
-        .to_string();
+    let addr = listening_addr(&first);
     let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args([
             "send",
@@ -114,12 +128,12 @@ fn a_destination_with_other_ram_is_refused_and_the_guest_stays() {
     assert_eq!(report["ok"], false);
     let err = report["error"].as_str().unwrap_or_default();
     assert!(err.contains("refused"), "{err}");
-    let dest_line = lines
-        .map_while(Result::ok)
-        .find(|l| l.starts_with("report "))
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let values: Vec<serde_json::Value> = rest.iter().map(|l| json_line(l)).collect();
+    let dest = values
+        .iter()
+        .find(|v| v["type"] == "report")
         .expect("destination report");
-    let dest: serde_json::Value =
-        serde_json::from_str(&dest_line["report ".len()..]).expect("json");
     assert_eq!(dest["go_received"], false);
     assert!(
         dest["error"]
@@ -151,10 +165,7 @@ fn a_destination_process_killed_mid_precopy_leaves_the_guest_running_intact() {
     let mut lines =
         std::io::BufRead::lines(std::io::BufReader::new(rx.stdout.take().expect("stdout")));
     let first = lines.next().expect("a line").expect("utf-8");
-    let addr = first
-        .strip_prefix("listening tcp:")
-        .expect("listening line")
-        .to_string();
+    let addr = listening_addr(&first);
     // A capped link makes the first pass last several seconds.
     let tx = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args([

@@ -264,6 +264,20 @@ struct DestinationSummary {
     postcopy: Option<DestinationPostcopyReport>,
 }
 
+/// One line of `ferry receive --json`: JSON lines told apart by `type`.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ReceiveLine<'a> {
+    /// The destination's report, once the migration has ended.
+    Report(&'a DestinationSummary),
+}
+
+/// Parses one line of `ferry receive --json`: its `type` and the object.
+fn receive_line(line: &str) -> Option<(String, serde_json::Value)> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    Some((v.get("type")?.as_str()?.to_string(), v))
+}
+
 /// The whole demo's report.
 #[derive(Debug, Serialize)]
 struct DemoReport {
@@ -545,8 +559,9 @@ fn demo(a: DemoArgs) -> Result<ExitCode, BoxError> {
     let first = lines
         .next()
         .ok_or("the destination process exited before listening")??;
-    let endpoint: Endpoint = first
-        .strip_prefix("listening ")
+    let endpoint: Endpoint = receive_line(&first)
+        .filter(|(kind, _)| kind == "listening")
+        .and_then(|(_, v)| v.get("endpoint")?.as_str().map(str::to_string))
         .ok_or_else(|| {
             format!("the destination process said '{first}' instead of where it listens")
         })?
@@ -565,8 +580,9 @@ fn demo(a: DemoArgs) -> Result<ExitCode, BoxError> {
     let result = run_source(&vm, endpoint, &a.migrate, &pb);
     pb.finish_and_clear();
     let dest: Option<DestinationSummary> = lines.map_while(Result::ok).find_map(|l| {
-        l.strip_prefix("report ")
-            .and_then(|j| serde_json::from_str(j).ok())
+        receive_line(&l)
+            .filter(|(kind, _)| kind == "report")
+            .and_then(|(_, v)| serde_json::from_value(v).ok())
     });
     let _ = child.wait();
 
@@ -770,8 +786,15 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
     let listener = Listener::bind(&endpoint)?;
     let bound = listener.local_endpoint()?;
     {
+        // With --json, stdout carries JSON lines only, each with a `type`:
+        // this `listening` line, then the `report`.
         let mut out = std::io::stdout().lock();
-        writeln!(out, "listening {bound}")?;
+        if a.json {
+            let line = serde_json::json!({ "type": "listening", "endpoint": bound.to_string() });
+            writeln!(out, "{line}")?;
+        } else {
+            writeln!(out, "listening {bound}")?;
+        }
         out.flush()?;
     }
     if !a.json {
@@ -856,7 +879,11 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
     };
     let mut out = std::io::stdout().lock();
     if a.json {
-        writeln!(out, "report {}", serde_json::to_string(&summary)?)?;
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string(&ReceiveLine::Report(&summary))?
+        )?;
     } else {
         match &summary.error {
             Some(e) => writeln!(out, "ferry receive: failed: {e}")?,
