@@ -27,23 +27,19 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use libc::c_void;
 use serde::{Deserialize, Serialize};
-use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
+use userfaultfd::{Event, EventBuffer, FeatureFlags, RegisterMode};
 
 use crate::ram::{Ram, PAGE_SIZE};
-
-/// The userfaultfd ABI, shared with the other userfaultfd user.
-mod abi {
-    pub use crate::uffd_abi::*;
-}
-
-use abi::*;
+use crate::uffd_abi::{io_error, FEATURE_MINOR_SHMEM};
 
 /// Errors of the postcopy machinery.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +71,14 @@ fn os(op: &'static str) -> impl FnOnce(io::Error) -> PostcopyError {
     move |source| PostcopyError::Os { op, source }
 }
 
+/// A crate error of `op`, as [`PostcopyError::Os`] with its errno.
+fn uffd_os(op: &'static str) -> impl FnOnce(userfaultfd::Error) -> PostcopyError {
+    move |e| PostcopyError::Os {
+        op,
+        source: io_error(e),
+    }
+}
+
 /// The operator's switch: ask a running migration to move RAM to postcopy.
 ///
 /// Cloning shares the switch. Asking when the destination did not negotiate
@@ -104,101 +108,58 @@ impl PostcopyHandle {
 /// A userfaultfd, in MISSING (or MINOR) mode.
 #[derive(Debug)]
 pub struct Uffd {
-    fd: OwnedFd,
+    uffd: userfaultfd::Uffd,
 }
+
+/// Messages read from the userfaultfd per `read`.
+const READ_BATCH: usize = 32;
 
 impl Uffd {
     /// Opens a userfaultfd that also sees faults taken by the kernel on the
     /// process's behalf (KVM's guest page faults), non-blocking.
     pub fn new() -> Result<Uffd, PostcopyError> {
-        Self::with_features(0)
+        Self::with_features(FeatureFlags::empty())
     }
 
-    /// As [`Uffd::new`], asking for `features` (`UFFD_FEATURE_*` bits).
-    fn with_features(features: u64) -> Result<Uffd, PostcopyError> {
-        // SAFETY: the userfaultfd syscall takes flags only and returns a new fd or -1.
-        let fd =
-            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-        if fd < 0 {
-            return Err(PostcopyError::Os {
-                op: "userfaultfd",
-                source: io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: `fd` is a new descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_API reads and writes `api` only.
-        let ret = unsafe { ioctl_with_mut_ref(&fd, UFFDIO_API(), &mut api) };
-        if ret != 0 {
-            return Err(PostcopyError::Os {
-                op: "UFFDIO_API",
-                source: io::Error::last_os_error(),
-            });
-        }
-        Ok(Uffd { fd })
+    /// As [`Uffd::new`], asking for `features`.
+    fn with_features(features: FeatureFlags) -> Result<Uffd, PostcopyError> {
+        crate::uffd_abi::open(features)
+            .map(|uffd| Uffd { uffd })
+            .map_err(|(op, source)| PostcopyError::Os { op, source })
     }
 
     /// Opens a userfaultfd able to serve shared memory (memfd) in MINOR mode.
     pub fn new_minor() -> Result<Uffd, PostcopyError> {
-        Self::with_features(UFFD_FEATURE_MINOR_SHMEM | UFFD_FEATURE_MISSING_SHMEM)
+        Self::with_features(FEATURE_MINOR_SHMEM | FeatureFlags::MISSING_SHMEM)
     }
 
     /// The descriptor, for `poll`.
     pub fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        self.uffd.as_raw_fd()
     }
 
-    fn register(&self, addr: usize, len: usize, mode: u64) -> Result<(), PostcopyError> {
-        let mut reg = UffdioRegister {
-            range: UffdioRange {
-                start: addr as u64,
-                len: len as u64,
-            },
-            mode,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_REGISTER reads and writes `reg` only; the range is the
-        // caller's mapping, which the kernel checks.
-        let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_REGISTER(), &mut reg) };
-        if ret != 0 {
-            return Err(PostcopyError::Os {
-                op: "UFFDIO_REGISTER",
-                source: io::Error::last_os_error(),
-            });
-        }
-        Ok(())
+    fn register(&self, addr: usize, len: usize, mode: RegisterMode) -> Result<(), PostcopyError> {
+        self.uffd
+            .register_with_mode(addr as *mut c_void, len, mode)
+            .map(|_| ())
+            .map_err(uffd_os("UFFDIO_REGISTER"))
     }
 
     /// Registers `addr..addr + len` (page-aligned) for MISSING faults.
     pub fn register_missing(&self, addr: usize, len: usize) -> Result<(), PostcopyError> {
-        self.register(addr, len, UFFDIO_REGISTER_MODE_MISSING)
+        self.register(addr, len, RegisterMode::MISSING)
     }
 
     /// Registers `addr..addr + len` of shared memory for MINOR faults.
     pub fn register_minor(&self, addr: usize, len: usize) -> Result<(), PostcopyError> {
-        self.register(addr, len, UFFDIO_REGISTER_MODE_MINOR)
+        self.register(addr, len, RegisterMode::MINOR)
     }
 
     /// Wakes the threads waiting on `addr..addr + len`.
     pub fn wake(&self, addr: usize, len: usize) -> Result<(), PostcopyError> {
-        let range = UffdioRange {
-            start: addr as u64,
-            len: len as u64,
-        };
-        // SAFETY: UFFDIO_WAKE reads `range` only.
-        let ret = unsafe { ioctl_with_ref(&self.fd, UFFDIO_WAKE(), &range) };
-        if ret != 0 {
-            return Err(PostcopyError::Os {
-                op: "UFFDIO_WAKE",
-                source: io::Error::last_os_error(),
-            });
-        }
-        Ok(())
+        self.uffd
+            .wake(addr as *mut c_void, len)
+            .map_err(uffd_os("UFFDIO_WAKE"))
     }
 
     /// Drives one of the filling ioctls (COPY, ZEROPAGE, CONTINUE) over
@@ -212,23 +173,25 @@ impl Uffd {
         op: &'static str,
         dst: usize,
         len: usize,
-        mut call: impl FnMut(usize) -> (i32, i64),
+        mut call: impl FnMut(usize) -> (io::Result<()>, i64),
     ) -> Result<u64, PostcopyError> {
         let page = PAGE_SIZE as usize;
         let mut done = 0usize;
         let mut skipped = 0u64;
         while done < len {
-            let (ret, progressed) = call(done);
+            let (res, progressed) = call(done);
             if progressed > 0 {
                 done += progressed as usize;
             }
-            if ret == 0 {
-                if progressed <= 0 {
-                    done = len;
+            let e = match res {
+                Ok(()) => {
+                    if progressed <= 0 {
+                        done = len;
+                    }
+                    continue;
                 }
-                continue;
-            }
-            let e = io::Error::last_os_error();
+                Err(e) => e,
+            };
             match e.raw_os_error() {
                 Some(libc::EEXIST) => {
                     // The page at `done` is there already: wake its waiters
@@ -254,17 +217,27 @@ impl Uffd {
     /// userfaultfd in MISSING mode.
     pub unsafe fn copy(&self, dst: usize, src: &[u8]) -> Result<u64, PostcopyError> {
         self.fill_range("UFFDIO_COPY", dst, src.len(), |done| {
-            let mut c = UffdioCopy {
-                dst: (dst + done) as u64,
-                src: src[done..].as_ptr() as u64,
-                len: (src.len() - done) as u64,
-                mode: 0,
-                copy: 0,
+            let rest = &src[done..];
+            // SAFETY: UFFDIO_COPY reads `rest` (a live slice) and writes the
+            // registered destination range only (the caller's contract),
+            // inside the kernel.
+            let res = unsafe {
+                self.uffd.copy(
+                    rest.as_ptr().cast(),
+                    (dst + done) as *mut c_void,
+                    rest.len(),
+                    true,
+                )
             };
-            // SAFETY: UFFDIO_COPY reads `src` (a live slice) and writes the
-            // registered destination range only, inside the kernel.
-            let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_COPY(), &mut c) };
-            (ret, c.copy)
+            match res {
+                Ok(n) => (Ok(()), n as i64),
+                // EAGAIN, with the kernel's `copy` field: the bytes copied, or
+                // a negative errno (the crate casts it to usize; undone here).
+                Err(userfaultfd::Error::PartiallyCopied(n)) => {
+                    (Err(io::Error::from_raw_os_error(libc::EAGAIN)), n as i64)
+                }
+                Err(e) => (Err(io_error(e)), 0),
+            }
         })
     }
 
@@ -272,17 +245,20 @@ impl Uffd {
     /// already present are left alone and woken).
     pub fn zeropage(&self, dst: usize, len: usize) -> Result<(), PostcopyError> {
         self.fill_range("UFFDIO_ZEROPAGE", dst, len, |done| {
-            let mut z = UffdioZeropage {
-                range: UffdioRange {
-                    start: (dst + done) as u64,
-                    len: (len - done) as u64,
-                },
-                mode: 0,
-                zeropage: 0,
+            // SAFETY: UFFDIO_ZEROPAGE only fills pages that are missing in a
+            // range registered with this userfaultfd (the kernel refuses any
+            // other range), so no memory that is in use changes.
+            let res = unsafe {
+                self.uffd
+                    .zeropage((dst + done) as *mut c_void, len - done, true)
             };
-            // SAFETY: UFFDIO_ZEROPAGE reads and writes `z` only.
-            let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_ZEROPAGE(), &mut z) };
-            (ret, z.zeropage)
+            match res {
+                Ok(n) => (Ok(()), n as i64),
+                // The crate does not report the bytes zeroed before an EAGAIN:
+                // the retry starts at the same offset, and the pages that did
+                // go in come back as EEXIST (woken again, which is harmless).
+                Err(e) => (Err(io_error(e)), 0),
+            }
         })
         .map(|_| ())
     }
@@ -292,17 +268,15 @@ impl Uffd {
     /// Pages already mapped are left alone and their waiters woken.
     pub fn continue_range(&self, dst: usize, len: usize) -> Result<(), PostcopyError> {
         self.fill_range("UFFDIO_CONTINUE", dst, len, |done| {
-            let mut c = UffdioContinue {
-                range: UffdioRange {
-                    start: (dst + done) as u64,
-                    len: (len - done) as u64,
-                },
-                mode: 0,
-                mapped: 0,
-            };
-            // SAFETY: UFFDIO_CONTINUE reads and writes `c` only.
-            let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_CONTINUE(), &mut c) };
-            (ret, c.mapped)
+            match self
+                .uffd
+                .r#continue((dst + done) as *mut c_void, len - done, true)
+            {
+                // Also an EAGAIN after partial progress: the crate returns the
+                // bytes mapped as a success, and the rest is issued again.
+                Ok(n) => (Ok(()), n as i64),
+                Err(e) => (Err(io_error(e)), 0),
+            }
         })
         .map(|_| ())
     }
@@ -310,44 +284,39 @@ impl Uffd {
     /// Registers `addr..addr + len` of shared memory for both MISSING and
     /// MINOR faults (a hole in the memfd, or a page cached but not mapped).
     pub fn register_missing_minor(&self, addr: usize, len: usize) -> Result<(), PostcopyError> {
-        self.register(
-            addr,
-            len,
-            UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR,
-        )
+        self.register(addr, len, RegisterMode::MISSING | RegisterMode::MINOR)
     }
 
     /// Reads the pending page faults (their addresses) into `out`; returns
     /// at once when none is queued.
     pub fn read_faults(&self, out: &mut Vec<u64>) -> Result<(), PostcopyError> {
-        let mut msgs = [UffdMsg::default(); 32];
+        let mut buf = EventBuffer::new(READ_BATCH);
         loop {
-            // SAFETY: reads at most `size_of_val(&msgs)` bytes into `msgs`.
-            let n = unsafe {
-                libc::read(
-                    self.fd.as_raw_fd(),
-                    msgs.as_mut_ptr().cast(),
-                    std::mem::size_of_val(&msgs),
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                return match e.kind() {
-                    io::ErrorKind::WouldBlock => Ok(()),
-                    io::ErrorKind::Interrupted => continue,
-                    _ => Err(PostcopyError::Os {
+            let events = match self.uffd.read_events(&mut buf) {
+                // Nothing queued (EAGAIN) is an empty batch.
+                Ok(events) => events,
+                // A read of nothing: as before, there is nothing to take.
+                Err(userfaultfd::Error::ReadEof) => return Ok(()),
+                Err(e) => {
+                    let e = io_error(e);
+                    if e.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(PostcopyError::Os {
                         op: "read(userfaultfd)",
                         source: e,
-                    }),
-                };
-            }
-            let got = n as usize / std::mem::size_of::<UffdMsg>();
-            for m in &msgs[..got] {
-                if m.event == UFFD_EVENT_PAGEFAULT {
-                    out.push(m.arg[1]);
+                    });
+                }
+            };
+            let mut got = 0;
+            for event in events {
+                got += 1;
+                // Other events (none is asked for) and unknown ones are skipped.
+                if let Ok(Event::Pagefault { addr, .. }) = event {
+                    out.push(addr as u64);
                 }
             }
-            if got < msgs.len() {
+            if got < READ_BATCH {
                 return Ok(());
             }
         }
@@ -355,8 +324,9 @@ impl Uffd {
 
     /// Waits up to `timeout` for a fault to be queued; true when one is.
     pub fn wait(&self, timeout: Duration) -> bool {
+        // The crate has no poll: plain poll(2) on its descriptor.
         let mut p = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
+            fd: self.uffd.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
@@ -370,8 +340,10 @@ impl Uffd {
     /// blocked (nothing is written wrongly) until whoever holds the raw fd
     /// resolves or closes it. Used when postcopy loses its connection.
     pub fn into_raw(self) -> RawFd {
-        use std::os::fd::IntoRawFd;
-        self.fd.into_raw_fd()
+        // Not the crate's `IntoRawFd`: in 0.9 it lets `Drop` close the fd it
+        // returns (userfaultfd-rs issue #88), which would wake the faulting
+        // threads onto zero pages.
+        ManuallyDrop::new(self.uffd).as_raw_fd()
     }
 }
 

@@ -48,17 +48,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
-use vmm_sys_util::ioctl::ioctl_with_mut_ref;
+use libc::c_void;
+use userfaultfd::{Event, EventBuffer, FaultKind, FeatureFlags, IoctlFlags, RegisterMode, Uffd};
 
 use super::PAGE_SIZE;
 use super::{bitmap_words, check_mask, check_range, mask_runs, DirtyError, DirtyTracker, Result};
-
-/// The userfaultfd ABI, shared with the other userfaultfd user.
-mod abi {
-    pub use crate::uffd_abi::*;
-}
-
-use abi::*;
+use crate::uffd_abi::{io_error, FEATURE_WP_HUGETLBFS_SHMEM, FEATURE_WP_UNPOPULATED};
 
 /// A range of this process's memory to track.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,7 +111,7 @@ impl RegionState {
 
 /// State shared with the handler thread.
 struct Shared {
-    uffd: OwnedFd,
+    uffd: Uffd,
     regions: Vec<RegionState>,
     /// Serialises "set bit and unprotect" (handler) against "re-protect" (`clear`).
     arm: Mutex<()>,
@@ -147,25 +142,17 @@ impl Shared {
     /// UFFDIO_WRITEPROTECT of `[addr, addr + len)`: protect if `protect`, else unprotect and
     /// wake any writer blocked on the range.
     fn write_protect(&self, addr: usize, len: usize, protect: bool) -> Result<()> {
-        let mut wp = UffdioWriteprotect {
-            range: UffdioRange {
-                start: addr as u64,
-                len: len as u64,
-            },
-            mode: if protect {
-                UFFDIO_WRITEPROTECT_MODE_WP
-            } else {
-                0
-            },
-        };
+        let start = addr as *mut c_void;
         loop {
-            // SAFETY: UFFDIO_WRITEPROTECT reads `wp` and changes page protection of a range
-            // registered with this userfaultfd; it touches no memory of ours besides `wp`.
-            let ret = unsafe { ioctl_with_mut_ref(&self.uffd, UFFDIO_WRITEPROTECT(), &mut wp) };
-            if ret == 0 {
+            let res = if protect {
+                self.uffd.write_protect(start, len)
+            } else {
+                self.uffd.remove_write_protection(start, len, true)
+            };
+            let Err(e) = res else {
                 return Ok(());
-            }
-            let source = io::Error::last_os_error();
+            };
+            let source = io_error(e);
             // EAGAIN: the address space is changing under us; the kernel asks for a retry.
             if source.raw_os_error() != Some(libc::EAGAIN) {
                 return Err(DirtyError::Uffd {
@@ -221,34 +208,35 @@ impl std::fmt::Debug for UffdWpTracker {
     }
 }
 
-/// Opens a userfaultfd (non-blocking, close-on-exec) and does the API handshake asking for
-/// `features`; returns the fd and the features granted (with `features == 0`, the features
-/// the kernel offers).
-fn open_uffd(features: u64) -> Result<(OwnedFd, u64)> {
-    // SAFETY: the userfaultfd syscall takes flags only and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-    if fd < 0 {
-        return Err(DirtyError::Os {
-            op: "userfaultfd",
-            source: io::Error::last_os_error(),
-        });
+/// Opens a userfaultfd (non-blocking, close-on-exec) with `UFFD_FEATURE_PAGEFAULT_FLAG_WP` and
+/// those of `UFFD_FEATURE_WP_UNPOPULATED` and `UFFD_FEATURE_WP_HUGETLBFS_SHMEM` the kernel
+/// offers; returns it and whether it has `UFFD_FEATURE_WP_UNPOPULATED`.
+///
+/// The crate's builder does not report the features the kernel offers, so the optional ones
+/// are probed: ask for both, then retry without them while the kernel refuses (EINVAL, one
+/// new fd per try: the handshake can be done only once per fd).
+fn open_uffd() -> Result<(Uffd, bool)> {
+    let wp = FeatureFlags::PAGEFAULT_FLAG_WP;
+    for optional in [
+        FEATURE_WP_UNPOPULATED | FEATURE_WP_HUGETLBFS_SHMEM,
+        FEATURE_WP_UNPOPULATED,
+        FEATURE_WP_HUGETLBFS_SHMEM,
+        FeatureFlags::empty(),
+    ] {
+        match crate::uffd_abi::open(wp | optional) {
+            Ok(uffd) => return Ok((uffd, optional.contains(FEATURE_WP_UNPOPULATED))),
+            Err((_, source)) if source.raw_os_error() == Some(libc::EINVAL) => {}
+            Err((op, source)) => return Err(DirtyError::Os { op, source }),
+        }
     }
-    // SAFETY: `fd` is a new descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-    let mut api = UffdioApi {
-        api: UFFD_API,
-        features,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_API reads and writes `api` only.
-    let ret = unsafe { ioctl_with_mut_ref(&fd, UFFDIO_API(), &mut api) };
-    if ret != 0 {
-        return Err(DirtyError::Os {
-            op: "UFFDIO_API",
-            source: io::Error::last_os_error(),
-        });
+    // Refused even with write-protect alone: tell a kernel without it apart from a
+    // userfaultfd that cannot be had at all.
+    match crate::uffd_abi::open(FeatureFlags::empty()) {
+        Ok(_) => Err(DirtyError::UffdFeature {
+            feature: "UFFD_FEATURE_PAGEFAULT_FLAG_WP",
+        }),
+        Err((op, source)) => Err(DirtyError::Os { op, source }),
     }
-    Ok((fd, api.features))
 }
 
 impl UffdWpTracker {
@@ -283,39 +271,19 @@ impl UffdWpTracker {
             }
         }
 
-        // The API handshake can be done only once per fd: probe on one, use another.
-        let (_probe, offered) = open_uffd(0)?;
-        if offered & UFFD_FEATURE_PAGEFAULT_FLAG_WP == 0 {
-            return Err(DirtyError::UffdFeature {
-                feature: "UFFD_FEATURE_PAGEFAULT_FLAG_WP",
-            });
-        }
-        let wanted = UFFD_FEATURE_PAGEFAULT_FLAG_WP
-            | (offered & (UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM));
-        let (uffd, granted) = open_uffd(wanted)?;
+        let (uffd, unpopulated) = open_uffd()?;
 
         let mut states = Vec::with_capacity(regions.len());
         for r in regions {
-            let mut reg = UffdioRegister {
-                range: UffdioRange {
-                    start: r.addr as u64,
-                    len: r.len as u64,
-                },
-                mode: UFFDIO_REGISTER_MODE_WP,
-                ioctls: 0,
-            };
-            // SAFETY: UFFDIO_REGISTER reads and writes `reg` only; registering a range
-            // changes how faults in it are handled, not its contents.
-            let ret = unsafe { ioctl_with_mut_ref(&uffd, UFFDIO_REGISTER(), &mut reg) };
-            if ret != 0 {
-                return Err(DirtyError::Uffd {
+            let ioctls = uffd
+                .register_with_mode(r.addr as *mut c_void, r.len, RegisterMode::WRITE_PROTECT)
+                .map_err(|e| DirtyError::Uffd {
                     op: "register",
                     addr: r.addr,
                     len: r.len,
-                    source: io::Error::last_os_error(),
-                });
-            }
-            if reg.ioctls & UFFDIO_WRITEPROTECT_BIT == 0 {
+                    source: io_error(e),
+                })?;
+            if !ioctls.contains(IoctlFlags::WRITE_PROTECT) {
                 return Err(DirtyError::UffdFeature {
                     feature: "UFFDIO_WRITEPROTECT on this kind of memory",
                 });
@@ -340,7 +308,7 @@ impl UffdWpTracker {
                 failure: Mutex::new(None),
                 faults: AtomicU64::new(0),
             }),
-            unpopulated: granted & UFFD_FEATURE_WP_UNPOPULATED != 0,
+            unpopulated,
             handler: None,
         })
     }
@@ -407,8 +375,9 @@ impl UffdWpTracker {
 
 /// The handler thread: serve write faults until `stop` becomes readable.
 fn handle_faults(shared: &Shared, stop: RawFd) {
-    let mut msgs = [UffdMsg::default(); 64];
-    let mut pages: Vec<(usize, usize)> = Vec::with_capacity(msgs.len());
+    const BATCH: usize = 64;
+    let mut msgs = EventBuffer::new(BATCH);
+    let mut pages: Vec<(usize, usize)> = Vec::with_capacity(BATCH);
     loop {
         let mut fds = [
             libc::pollfd {
@@ -442,28 +411,29 @@ fn handle_faults(shared: &Shared, stop: RawFd) {
             ));
             return;
         }
-        // SAFETY: reads at most `size_of_val(&msgs)` bytes into `msgs`, an array of plain
-        // integers for which any bytes are valid.
-        let n = unsafe {
-            libc::read(
-                shared.uffd.as_raw_fd(),
-                msgs.as_mut_ptr().cast(),
-                std::mem::size_of_val(&msgs),
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted {
-                continue;
+        // Nothing queued (EAGAIN) is an empty batch, and a read of nothing is treated alike.
+        let events = match shared.uffd.read_events(&mut msgs) {
+            Ok(events) => events,
+            Err(userfaultfd::Error::ReadEof) => continue,
+            Err(e) => {
+                let e = io_error(e);
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                shared.fail(format!("reading the userfaultfd failed: {e}"));
+                return;
             }
-            shared.fail(format!("reading the userfaultfd failed: {e}"));
-            return;
-        }
-        let count = n as usize / std::mem::size_of::<UffdMsg>();
+        };
         pages.clear();
-        for m in &msgs[..count] {
-            if m.event == UFFD_EVENT_PAGEFAULT && m.arg[0] & UFFD_PAGEFAULT_FLAG_WP != 0 {
-                let addr = m.arg[1] as usize;
+        // Other events (none is asked for) and unknown ones are skipped.
+        for event in events {
+            if let Ok(Event::Pagefault {
+                kind: FaultKind::WriteProtected,
+                addr,
+                ..
+            }) = event
+            {
+                let addr = addr as usize;
                 match shared
                     .regions
                     .iter()
@@ -682,13 +652,8 @@ impl Drop for UffdWpTracker {
             let _ = self.end_handler();
         }
         for r in &self.shared.regions {
-            let mut range = UffdioRange {
-                start: r.addr as u64,
-                len: r.pages * PAGE_SIZE,
-            };
-            // SAFETY: UFFDIO_UNREGISTER reads `range` only; it wakes any blocked writer.
-            let _ =
-                unsafe { ioctl_with_mut_ref(&self.shared.uffd, UFFDIO_UNREGISTER(), &mut range) };
+            // Unregistering wakes any blocked writer.
+            let _ = self.shared.uffd.unregister(r.addr as *mut c_void, r.len());
         }
     }
 }
