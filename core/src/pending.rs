@@ -1,7 +1,7 @@
 //! Pending bytes: how much each migratable section still has to send.
 //!
 //! Every section (RAM, device state, postcopy-only data such as a snapshot dirty
-//! bitmap) reports its remainder in three classes — see DESIGN.md, "Pending
+//! bitmap) reports its remainder in three classes — see docs/DESIGN.md, "Pending
 //! classes":
 //!
 //! - `precopy_only`: must reach the destination before the guest starts there;

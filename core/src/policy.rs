@@ -1,6 +1,6 @@
 //! The switchover decision: iterate, complete, or switch over.
 //!
-//! One pure function, [`decide`], implements DESIGN.md "The switchover
+//! One pure function, [`decide`], implements docs/DESIGN.md "The switchover
 //! decision". The rules apply in order and the first that holds decides:
 //!
 //! 1. **In postcopy**: iterate until nothing is pending, then complete.

@@ -7,7 +7,7 @@
 //! its window. Until that much time has been observed, it divides by the whole
 //! window anyway, so early estimates are low rather than high.
 //!
-//! That is what keeps the threshold honest (DESIGN.md, rule 2): a short burst
+//! That is what keeps the threshold honest (docs/DESIGN.md, rule 2): a short burst
 //! cannot inflate it. A 100 ms sample at twice the sustained rate moves a
 //! one-second window's estimate by a tenth, not by double, and a burst at the
 //! very start counts for a tenth of its rate. Underestimating the bandwidth
