@@ -16,7 +16,7 @@ prereqs:
 ## Pass options through DEMO_ARGS, e.g. make demo DEMO_ARGS="--mem 4G --dirty-rate 200M --json".
 DEMO_ARGS ?=
 demo: prereqs
-	$(CARGO) build --release -p ferry-host --bin ferry
+	$(CARGO) build --release -p ferry-cli --bin ferry
 	./target/release/ferry demo $(DEMO_ARGS)
 
 ## test: the whole suite: format, lints, the no_std proof, then every test
@@ -27,6 +27,8 @@ test: prereqs lint nostd-proof unit
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --release -- -D warnings
+	# The library as a hypervisor adds it: no features, and nothing of the CLI.
+	$(CARGO) clippy -p ferry-host --no-default-features --release -- -D warnings
 
 unit:
 	CARGO=$(CARGO) scripts/unit.sh
@@ -43,7 +45,7 @@ bench: prereqs
 ## bench-migrate: end-to-end migrations of real KVM guests beside the raw loopback ceiling.
 BENCH_ARGS ?=
 bench-migrate: prereqs
-	$(CARGO) build --release -p ferry-host --bin ferry -p ferry-benches --bin migrate_bench
+	$(CARGO) build --release -p ferry-cli --bin ferry -p ferry-benches --bin migrate_bench
 	./target/release/migrate_bench $(BENCH_ARGS)
 
 ## bench-transport: io_uring, SEND_ZC and std streaming 4 GiB beside the raw ceiling.
@@ -52,7 +54,7 @@ bench-transport: prereqs
 
 ## bench-postcopy: postcopy fault latency (urgent vs shared channel), install costs, guest slowdown.
 bench-postcopy: prereqs
-	$(CARGO) build --release -p ferry-host --bin ferry -p ferry-benches --bin postcopy_latency
+	$(CARGO) build --release -p ferry-cli --bin ferry -p ferry-benches --bin postcopy_latency
 	./target/release/postcopy_latency $(BENCH_ARGS)
 
 ## bench-bitmap: the bitmap-scan table (GB/s and pages/s beside the three baselines).

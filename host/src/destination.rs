@@ -54,7 +54,9 @@ use ferry_core::wire::{
 };
 use ferry_uring::{AnyChannel, Channel, Decoder, Placement, Transport};
 
-use crate::link::{self, LinkError, Listener, ReturnWriter, WireDecodeError, WireDecoder};
+use crate::link::{
+    self, Acceptor, ChannelRole, LinkError, ReturnWriter, WireDecodeError, WireDecoder,
+};
 use crate::migration::{monotonic_ns, DestinationReport, DeviceSection, GuestStarter};
 use crate::postcopy::{Claim, FaultService, PageInstaller, PostcopyError, RequestSink, Uffd, Via};
 use crate::ram::{Ram, PAGE_SIZE};
@@ -340,7 +342,11 @@ fn apply_page_record(
                     channel: "bulk".into(),
                     record: format!("zero run of unknown region {region}"),
                 })?;
-            if !r.zero_pages(first, u64::from(count)) {
+            // SAFETY: precopy records are applied before *go*, while the
+            // guest here is not running, and pages reach guest RAM only from
+            // the one channel their stripe belongs to, so nothing else touches
+            // these pages during the write.
+            if !unsafe { r.zero_pages(first, u64::from(count)) } {
                 return Err(DestinationErrorKind::Unexpected {
                     channel: "bulk".into(),
                     record: format!("zero run {first}+{count} outside region {region}"),
@@ -817,10 +823,14 @@ fn urgent_thread(
     }
 }
 
-/// Receives a migration on `listener` into `ram`, and starts the guest
-/// through `starter` on *go*. Precopy only; see [`receive_with`].
-pub fn receive<S: GuestStarter>(
-    listener: &Listener,
+/// Receives a migration over the connections `listener` accepts into `ram`,
+/// and starts the guest through `starter` on *go*. Precopy only; see
+/// [`receive_with`].
+///
+/// `listener` is any [`Acceptor`]: a `&Listener` accepts the source's
+/// connections, a [`link::Connected`] hands out streams the caller connected.
+pub fn receive<S: GuestStarter, A: Acceptor>(
+    listener: A,
     ram: &Ram<'_>,
     starter: &mut S,
     transport: Transport,
@@ -831,33 +841,33 @@ pub fn receive<S: GuestStarter>(
 /// Receives a migration on `listener` into `ram` as `config` says, starts the
 /// guest through `starter` on *go*, and serves postcopy until every page and
 /// section arrived.
-pub fn receive_with<S: GuestStarter>(
-    listener: &Listener,
+pub fn receive_with<S: GuestStarter, A: Acceptor>(
+    mut listener: A,
     ram: &Ram<'_>,
     starter: &mut S,
     config: &DestinationConfig,
 ) -> Result<DestinationReport, DestinationError> {
-    receive_any(listener, ram, None, starter, config)
+    receive_any(&mut listener, ram, None, starter, config)
 }
 
 /// As [`receive_with`], for memfd-backed guest RAM: `second` is a second
 /// mapping of the same memfds (same regions and sizes, e.g. from
-/// [`crate::memory::GuestRegion::map_second`]). With postcopy-ram, the
+/// [`crate::memory::MappedRegion::map_second`]). With postcopy-ram, the
 /// transport receives pages straight into `second` (no copy in user space,
 /// and registering it with io_uring is safe: the memfd's pages stay put),
 /// and after switchover `UFFDIO_CONTINUE` maps them into the guest.
-pub fn receive_in_place<S: GuestStarter>(
-    listener: &Listener,
+pub fn receive_in_place<S: GuestStarter, A: Acceptor>(
+    mut listener: A,
     ram: &Ram<'_>,
     second: &Ram<'_>,
     starter: &mut S,
     config: &DestinationConfig,
 ) -> Result<DestinationReport, DestinationError> {
-    receive_any(listener, ram, Some(second), starter, config)
+    receive_any(&mut listener, ram, Some(second), starter, config)
 }
 
 fn receive_any<S: GuestStarter>(
-    listener: &Listener,
+    listener: &mut dyn Acceptor,
     ram: &Ram<'_>,
     second: Option<&Ram<'_>>,
     starter: &mut S,
@@ -920,7 +930,7 @@ enum Mode {
 
 #[allow(clippy::too_many_arguments)]
 fn receive_inner<S: GuestStarter>(
-    listener: &Listener,
+    listener: &mut dyn Acceptor,
     ram: &Ram<'_>,
     second: Option<&Ram<'_>>,
     starter: &mut S,
@@ -931,7 +941,7 @@ fn receive_inner<S: GuestStarter>(
 ) -> Result<DestinationReport, DestinationErrorKind> {
     let transport = config.transport;
     let probe = ferry_uring::probe();
-    let mut ctl_conn = listener.accept()?;
+    let mut ctl_conn = listener.accept(ChannelRole::Control)?;
     let ret = ReturnWriter::new(ctl_conn.try_clone().map_err(|source| LinkError::Io {
         what: "duplicating the control socket",
         source,
@@ -981,7 +991,7 @@ fn receive_inner<S: GuestStarter>(
     let n_bulk = usize::from(neg.caps.channels.saturating_sub(extra)).max(1);
     let mut bulk = Vec::with_capacity(n_bulk);
     for i in 0..n_bulk {
-        let c = listener.accept()?;
+        let c = listener.accept(ChannelRole::Bulk(i))?;
         bulk.push(
             AnyChannel::new(c, &regions, transport, &probe).map_err(|source| {
                 DestinationErrorKind::Transport {
@@ -992,7 +1002,7 @@ fn receive_inner<S: GuestStarter>(
         );
     }
     let urgent = if postcopy_ram {
-        Some(listener.accept()?)
+        Some(listener.accept(ChannelRole::Urgent)?)
     } else {
         None
     };
@@ -1208,7 +1218,13 @@ fn receive_inner<S: GuestStarter>(
                                 {
                                     // The decoder checked the run against the
                                     // layout; the copy checks it once more.
-                                    let placed = ram.region(region).is_some_and(|r| {
+                                    // SAFETY: before *go* the guest here
+                                    // is not running, and the source resends
+                                    // pages on the control channel only once
+                                    // every bulk channel has ended its
+                                    // stream; `payload` is the control
+                                    // channel's own buffer.
+                                    let placed = ram.region(region).is_some_and(|r| unsafe {
                                         r.write_pages(first, u64::from(count), payload)
                                     });
                                     if !placed {

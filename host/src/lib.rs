@@ -9,12 +9,15 @@
 //! - [`postcopy`]: userfaultfd fault service, page installation, the operator
 //!   switch.
 //! - [`migration`]: the embedding API — callbacks, settings, events, reports.
-//! - [`vmm`] and [`kvm_guest`]: the small demo KVM VM and its migration glue.
+//!
+//! Default features are none: the crate needs only what migrating needs.
+//! `kvm` adds the KVM dirty-log tracker, `uffd-wp` the userfaultfd
+//! write-protect tracker for plain process memory, `serde` serialisation of
+//! the reports. The `ferry` command and its demo VM live in `ferry-cli`.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::panic))]
 
 pub mod destination;
 pub mod dirty;
-pub mod kvm_guest;
 pub mod link;
 pub mod memory;
 pub mod migration;
@@ -22,7 +25,6 @@ pub mod postcopy;
 pub mod ram;
 pub mod source;
 mod uffd_abi;
-pub mod vmm;
 
 /// The README's code examples, compiled as doctests so they stay true.
 #[cfg(doctest)]

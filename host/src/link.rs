@@ -13,12 +13,19 @@
 //! With postcopy-ram negotiated the source opens one more connection, the
 //! *urgent* one, last: page requests go from destination to source and the
 //! requested page runs back, never queued behind bulk data.
+//!
+//! Where the connections come from is the caller's choice. A [`Connector`]
+//! gives the source a stream per [`ChannelRole`] and an [`Acceptor`] gives the
+//! destination one: an [`Endpoint`] dials, a [`Listener`] accepts, and
+//! [`Connected`] hands out streams that management software opened itself
+//! (TCP, Unix, or raw file descriptors passed to the process).
 
 // `Negotiated` and `Hello` are `Copy` in current ferry-core; the clones
 // below stay correct whether or not they are.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -82,6 +89,13 @@ pub enum LinkError {
     /// A return-path record did not decode.
     #[error("the return path is corrupt: {0}")]
     Decode(wire::DecodeError),
+    /// The caller's [`Connected`] set has no stream for a channel the
+    /// migration needs.
+    #[error("no connection was given for the {channel} channel")]
+    MissingChannel {
+        /// The channel.
+        channel: ChannelRole,
+    },
     /// Encoding a record failed (a bug: the record was built wrong).
     #[error("could not encode a record: {0}")]
     Emit(wire::EmitError),
@@ -130,6 +144,28 @@ pub enum Conn {
 }
 
 impl Conn {
+    /// Takes over a connected stream socket passed in as a file descriptor
+    /// (TCP over IPv4 or IPv6, or Unix). Fails, closing nothing but `fd`,
+    /// when it is not a stream socket of one of those families.
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Conn> {
+        let raw = fd.as_raw_fd();
+        let sock_type = sockopt_int(raw, libc::SO_TYPE)?;
+        if sock_type != libc::SOCK_STREAM {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("file descriptor {raw} is not a stream socket (type {sock_type})"),
+            ));
+        }
+        match sockopt_int(raw, libc::SO_DOMAIN)? {
+            libc::AF_INET | libc::AF_INET6 => Ok(Conn::Tcp(TcpStream::from(fd))),
+            libc::AF_UNIX => Ok(Conn::Unix(UnixStream::from(fd))),
+            other => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("file descriptor {raw} is a socket of family {other}, not TCP or Unix"),
+            )),
+        }
+    }
+
     /// A second handle on the same socket.
     pub fn try_clone(&self) -> io::Result<Conn> {
         match self {
@@ -194,6 +230,28 @@ impl From<Conn> for ferry_uring::Stream {
     }
 }
 
+/// An integer socket option of `fd` at `SOL_SOCKET`.
+fn sockopt_int(fd: std::os::fd::RawFd, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are valid for writes of the sizes given, and
+    // getsockopt writes at most `len` bytes; a bad fd is reported as EBADF.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Connects to `endpoint`.
 pub fn connect(endpoint: &Endpoint) -> Result<Conn, LinkError> {
     let err = |source| LinkError::Connect {
@@ -207,6 +265,135 @@ pub fn connect(endpoint: &Endpoint) -> Result<Conn, LinkError> {
     };
     c.tune();
     Ok(c)
+}
+
+/// One connection of a migration, in the order the source opens them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChannelRole {
+    /// The control connection: handshake, sections, markers, return path.
+    Control,
+    /// Bulk connection `n` (from 0): page and zero runs.
+    Bulk(usize),
+    /// The urgent connection (postcopy-ram only): page requests and replies.
+    Urgent,
+}
+
+impl std::fmt::Display for ChannelRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChannelRole::Control => write!(f, "control"),
+            ChannelRole::Bulk(n) => write!(f, "bulk {n}"),
+            ChannelRole::Urgent => write!(f, "urgent"),
+        }
+    }
+}
+
+/// Where the source's connections come from: one stream per [`ChannelRole`],
+/// asked for in order (control, bulk 0.., urgent).
+pub trait Connector {
+    /// The stream for `channel`.
+    fn connect(&mut self, channel: ChannelRole) -> Result<Conn, LinkError>;
+
+    /// How many bulk connections this connector has, when it decides that
+    /// itself (streams handed in); `None` when it can open any number.
+    fn bulk_channels(&self) -> Option<usize> {
+        None
+    }
+}
+
+/// Where the destination's connections come from: one stream per
+/// [`ChannelRole`], asked for in the order the source opens them.
+pub trait Acceptor {
+    /// The stream for `channel`.
+    fn accept(&mut self, channel: ChannelRole) -> Result<Conn, LinkError>;
+}
+
+impl Connector for Endpoint {
+    fn connect(&mut self, _channel: ChannelRole) -> Result<Conn, LinkError> {
+        connect(self)
+    }
+}
+
+impl Connector for &Endpoint {
+    fn connect(&mut self, _channel: ChannelRole) -> Result<Conn, LinkError> {
+        connect(self)
+    }
+}
+
+impl Acceptor for Listener {
+    fn accept(&mut self, _channel: ChannelRole) -> Result<Conn, LinkError> {
+        Listener::accept(self)
+    }
+}
+
+impl Acceptor for &Listener {
+    fn accept(&mut self, _channel: ChannelRole) -> Result<Conn, LinkError> {
+        Listener::accept(self)
+    }
+}
+
+/// Streams the caller connected itself, for either side of a migration:
+/// management software that owns the sockets (or passes file descriptors
+/// into the process) hands them in here.
+///
+/// The source uses as many bulk connections as were given; the destination
+/// needs as many as the source offers. The urgent connection is needed only
+/// when postcopy-ram is negotiated.
+#[derive(Debug)]
+pub struct Connected {
+    control: Option<Conn>,
+    bulk: Vec<Option<Conn>>,
+    urgent: Option<Conn>,
+}
+
+impl Connected {
+    /// A set with its control connection.
+    pub fn new(control: Conn) -> Connected {
+        Connected {
+            control: Some(control),
+            bulk: Vec::new(),
+            urgent: None,
+        }
+    }
+
+    /// Adds the next bulk connection.
+    pub fn with_bulk(mut self, conn: Conn) -> Connected {
+        self.bulk.push(Some(conn));
+        self
+    }
+
+    /// Sets the urgent connection (postcopy-ram).
+    pub fn with_urgent(mut self, conn: Conn) -> Connected {
+        self.urgent = Some(conn);
+        self
+    }
+
+    fn take(&mut self, channel: ChannelRole) -> Result<Conn, LinkError> {
+        let slot = match channel {
+            ChannelRole::Control => self.control.take(),
+            ChannelRole::Bulk(n) => self.bulk.get_mut(n).and_then(Option::take),
+            ChannelRole::Urgent => self.urgent.take(),
+        };
+        let conn = slot.ok_or(LinkError::MissingChannel { channel })?;
+        conn.tune();
+        Ok(conn)
+    }
+}
+
+impl Connector for Connected {
+    fn connect(&mut self, channel: ChannelRole) -> Result<Conn, LinkError> {
+        self.take(channel)
+    }
+
+    fn bulk_channels(&self) -> Option<usize> {
+        Some(self.bulk.len())
+    }
+}
+
+impl Acceptor for Connected {
+    fn accept(&mut self, channel: ChannelRole) -> Result<Conn, LinkError> {
+        self.take(channel)
+    }
 }
 
 /// A listening socket for a destination.

@@ -1,6 +1,6 @@
 //! Guest RAM: a set of host mappings, each one region of guest physical memory.
 //!
-//! A [`GuestMemory`] holds one or more [`GuestRegion`]s. Each region is a single `mmap` of
+//! A [`MappedMemory`] holds one or more [`MappedRegion`]s. Each region is a single `mmap` of
 //! either anonymous memory or a memfd (so a second mapping of the same pages can be made, as
 //! postcopy with `UFFDIO_CONTINUE` needs), optionally backed by 2 MiB pages (hugetlbfs or
 //! transparent huge pages). Whether huge pages were obtained, and why not when they were not,
@@ -125,7 +125,7 @@ pub enum Backing {
     #[default]
     Anonymous,
     /// A memfd mapped shared; a second mapping of it can be made with
-    /// [`GuestRegion::map_second`] (postcopy with `UFFDIO_CONTINUE`).
+    /// [`MappedRegion::map_second`] (postcopy with `UFFDIO_CONTINUE`).
     Memfd,
 }
 
@@ -229,7 +229,7 @@ impl SecondMapping {
 
 /// One contiguous region of guest physical memory and its host mapping.
 #[derive(Debug)]
-pub struct GuestRegion {
+pub struct MappedRegion {
     id: u32,
     gpa: u64,
     map: Mapping,
@@ -238,7 +238,7 @@ pub struct GuestRegion {
     hugetlb: bool,
 }
 
-impl GuestRegion {
+impl MappedRegion {
     /// Region id.
     pub fn id(&self) -> u32 {
         self.id
@@ -261,7 +261,7 @@ impl GuestRegion {
 
     /// Base host address of the mapping (for KVM memory slots and io_uring buffer
     /// registration). The pointer is valid for `size()` bytes as long as the owning
-    /// [`GuestMemory`] (any clone of it) lives.
+    /// [`MappedMemory`] (any clone of it) lives.
     pub fn host_ptr(&self) -> *mut u8 {
         self.map.ptr.as_ptr()
     }
@@ -288,7 +288,7 @@ impl GuestRegion {
     /// Nothing may write to the region while the slice is alive: the guest must be paused or
     /// not yet started, and no transfer may be receiving into it. (A guest writing while a
     /// shared slice exists is a data race in Rust's model even though the hardware tolerates
-    /// it; use [`GuestMemory::read`] or raw pointers for live memory.)
+    /// it; use [`MappedMemory::read`] or raw pointers for live memory.)
     pub unsafe fn as_slice(&self) -> &[u8] {
         // SAFETY: the mapping is valid for `len` bytes for the lifetime of `self`; the caller
         // guarantees no concurrent writes.
@@ -378,17 +378,17 @@ impl GuestRegion {
 
 #[derive(Debug)]
 struct Inner {
-    regions: Vec<GuestRegion>,
+    regions: Vec<MappedRegion>,
 }
 
 /// Guest RAM: a set of regions. Cloning is cheap and shares the same mappings; the memory is
 /// unmapped when the last clone is dropped.
 #[derive(Debug, Clone)]
-pub struct GuestMemory {
+pub struct MappedMemory {
     inner: Arc<Inner>,
 }
 
-impl GuestMemory {
+impl MappedMemory {
     /// Allocates the given regions.
     pub fn new(specs: &[RegionSpec], options: MemoryOptions) -> Result<Self, MemoryError> {
         if specs.is_empty() {
@@ -433,22 +433,22 @@ impl GuestMemory {
     }
 
     /// The regions, in the order given.
-    pub fn regions(&self) -> &[GuestRegion] {
+    pub fn regions(&self) -> &[MappedRegion] {
         &self.inner.regions
     }
 
     /// The region with id `id`.
-    pub fn region(&self, id: u32) -> Option<&GuestRegion> {
+    pub fn region(&self, id: u32) -> Option<&MappedRegion> {
         self.inner.regions.iter().find(|r| r.id == id)
     }
 
     /// Total bytes over all regions.
     pub fn total_size(&self) -> u64 {
-        self.inner.regions.iter().map(GuestRegion::size).sum()
+        self.inner.regions.iter().map(MappedRegion::size).sum()
     }
 
     /// The region holding all of `gpa..gpa+len`.
-    pub fn find(&self, gpa: u64, len: u64) -> Result<&GuestRegion, MemoryError> {
+    pub fn find(&self, gpa: u64, len: u64) -> Result<&MappedRegion, MemoryError> {
         self.inner
             .regions
             .iter()
@@ -509,7 +509,7 @@ impl GuestMemory {
         self.inner
             .regions
             .iter()
-            .try_for_each(GuestRegion::populate)
+            .try_for_each(MappedRegion::populate)
     }
 
     /// Prefaults every region on a background thread; join the handle for the result.
@@ -521,7 +521,7 @@ impl GuestMemory {
 
 /// Allocates one region following `options`, falling back from huge pages when the system
 /// cannot provide them.
-fn alloc_region(spec: RegionSpec, options: MemoryOptions) -> Result<GuestRegion, MemoryError> {
+fn alloc_region(spec: RegionSpec, options: MemoryOptions) -> Result<MappedRegion, MemoryError> {
     let RegionSpec { id, gpa, size } = spec;
     if gpa % PAGE_SIZE as u64 != 0 {
         return Err(MemoryError::BadBase { id, gpa });
@@ -540,7 +540,7 @@ fn alloc_region(spec: RegionSpec, options: MemoryOptions) -> Result<GuestRegion,
     if options.huge_pages == HugePages::Hugetlb {
         match alloc_hugetlb(id, len, options.backing) {
             Ok((map, memfd)) => {
-                return Ok(GuestRegion {
+                return Ok(MappedRegion {
                     id,
                     gpa,
                     map,
@@ -590,7 +590,7 @@ fn alloc_region(spec: RegionSpec, options: MemoryOptions) -> Result<GuestRegion,
             },
         }
     };
-    Ok(GuestRegion {
+    Ok(MappedRegion {
         id,
         gpa,
         map,
@@ -745,7 +745,7 @@ mod tests {
 
     #[test]
     fn layout_and_bounds() {
-        let mem = GuestMemory::with_size(6 << 20, 4 << 20, MemoryOptions::default()).unwrap();
+        let mem = MappedMemory::with_size(6 << 20, 4 << 20, MemoryOptions::default()).unwrap();
         assert_eq!(mem.regions().len(), 2);
         assert_eq!(mem.regions()[1].gpa(), 4 << 20);
         assert_eq!(mem.total_size(), 6 << 20);
@@ -774,7 +774,7 @@ mod tests {
             },
         ];
         assert!(matches!(
-            GuestMemory::new(&specs, MemoryOptions::default()),
+            MappedMemory::new(&specs, MemoryOptions::default()),
             Err(MemoryError::Overlap { .. })
         ));
     }
@@ -785,13 +785,13 @@ mod tests {
             backing: Backing::Memfd,
             huge_pages: HugePages::None,
         };
-        let mem = GuestMemory::with_size(1 << 20, 1 << 30, opts).unwrap();
+        let mem = MappedMemory::with_size(1 << 20, 1 << 30, opts).unwrap();
         let r = &mem.regions()[0];
         let second = r.map_second().unwrap();
         // SAFETY: test-owned mapping, in bounds.
         unsafe { second.as_ptr().add(4096).write_volatile(0xab) };
         assert_eq!(mem.read_u64(4096).unwrap() & 0xff, 0xab);
-        let anon = GuestMemory::with_size(1 << 20, 1 << 30, MemoryOptions::default()).unwrap();
+        let anon = MappedMemory::with_size(1 << 20, 1 << 30, MemoryOptions::default()).unwrap();
         assert!(anon.regions()[0].map_second().is_err());
     }
 
@@ -803,7 +803,7 @@ mod tests {
                     backing,
                     huge_pages: huge,
                 };
-                let mem = GuestMemory::with_size(4 << 20, 1 << 30, opts).unwrap();
+                let mem = MappedMemory::with_size(4 << 20, 1 << 30, opts).unwrap();
                 let r = &mem.regions()[0];
                 assert_eq!(r.host_ptr() as usize % HUGE_PAGE_SIZE, 0);
                 if let PageKind::Fallback { reason, .. } = r.page_kind() {

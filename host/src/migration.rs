@@ -9,8 +9,6 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
-
 /// An error from a callback the embedding hypervisor provides.
 pub type CallbackError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -124,7 +122,8 @@ impl Default for SourceConfig {
 }
 
 /// How a precopy round went, for progress displays.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct RoundProgress {
     /// Round number; 0 is the first full pass.
     pub round: u32,
@@ -178,7 +177,8 @@ pub enum Event {
 }
 
 /// Postcopy progress on the source.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct PostcopyProgress {
     /// Pages streamed in the background so far.
     pub pages_streamed: u64,
@@ -191,7 +191,8 @@ pub struct PostcopyProgress {
 }
 
 /// What postcopy did on the source.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct SourcePostcopyReport {
     /// `"ram"` or `"sections"`.
     pub mode: String,
@@ -210,7 +211,8 @@ pub struct SourcePostcopyReport {
 }
 
 /// The result of a migration, on the source.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct SourceReport {
     /// Wall time from start to *go*, in nanoseconds.
     pub total_ns: u64,
@@ -250,7 +252,8 @@ pub struct SourceReport {
 }
 
 /// The result of a migration, on the destination.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct DestinationReport {
     /// Bytes read off the stream, headers included.
     pub bytes_received: u64,

@@ -35,7 +35,6 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use libc::c_void;
-use serde::{Deserialize, Serialize};
 use userfaultfd::{Event, EventBuffer, FeatureFlags, RegisterMode};
 
 use crate::ram::{Ram, PAGE_SIZE};
@@ -348,7 +347,8 @@ impl Uffd {
 }
 
 /// Fault-latency figures, in nanoseconds.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct LatencySummary {
     /// Samples.
     pub count: u64,
@@ -379,7 +379,8 @@ impl LatencySummary {
 }
 
 /// What postcopy did on the destination.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct DestinationPostcopyReport {
     /// `"ram"` (pages fetched on fault) or `"sections"` (RAM completed in the
     /// downtime; only postcopy-only sections followed).

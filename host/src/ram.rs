@@ -7,23 +7,49 @@ use std::ptr::NonNull;
 use ferry_core::wire::{Layout, LayoutError, Region};
 use ferry_uring::MemRegion;
 
-use crate::memory::GuestMemory;
+use crate::memory::MappedMemory;
 
 /// The page size Ferry migrates in.
 pub const PAGE_SIZE: u64 = 4096;
 
-/// One region of guest RAM: `len` bytes at `host`, guest physical `gpa`.
+/// One region of guest RAM: `len` bytes at `host`, guest physical `gpa`,
+/// borrowed for `'a` from the memory that backs it.
+///
+/// A region is used while its memory lives:
+///
+/// ```
+/// use ferry_host::memory::{MappedMemory, MemoryOptions};
+/// use ferry_host::ram::{Ram, RamRegion};
+///
+/// let memory = MappedMemory::with_size(2 << 20, 2 << 20, MemoryOptions::default()).unwrap();
+/// let region: RamRegion<'_> = Ram::from_memory(&memory).regions()[0];
+/// assert_eq!(region.pages(), 512);
+/// ```
+///
+/// and cannot outlive it (error E0597, `memory` does not live long enough):
+///
+/// ```compile_fail,E0597
+/// use ferry_host::memory::{MappedMemory, MemoryOptions};
+/// use ferry_host::ram::{Ram, RamRegion};
+///
+/// let region: RamRegion<'_> = {
+///     let memory = MappedMemory::with_size(2 << 20, 2 << 20, MemoryOptions::default()).unwrap();
+///     Ram::from_memory(&memory).regions()[0]
+/// }; // `memory` is unmapped here, so `region` may not be used below.
+/// assert_eq!(region.pages(), 512);
+/// ```
 #[derive(Clone, Copy, Debug)]
-pub struct RamRegion {
+pub struct RamRegion<'a> {
     /// Wire id: the region's index in its [`Ram`].
     pub id: u16,
     /// Guest physical base address.
     pub gpa: u64,
     host: NonNull<u8>,
     len: u64,
+    _memory: PhantomData<&'a [u8]>,
 }
 
-impl RamRegion {
+impl<'a> RamRegion<'a> {
     /// Pages in the region.
     pub fn pages(&self) -> u64 {
         self.len / PAGE_SIZE
@@ -62,13 +88,18 @@ impl RamRegion {
 
     /// Writes zeros over pages `first..first + count`; false when they are not
     /// all inside the region.
-    pub fn zero_pages(&self, first: u64, count: u64) -> bool {
+    ///
+    /// # Safety
+    ///
+    /// Nothing else may read or write these pages while the call runs: the
+    /// guest that owns them is not running (a destination before *go*) and no
+    /// other thread or in-flight I/O targets them. The bounds are checked here.
+    pub unsafe fn zero_pages(&self, first: u64, count: u64) -> bool {
         let Some((off, len)) = self.byte_range(first, count) else {
             return false;
         };
-        // SAFETY: the range lies inside the mapping, which stays mapped while
-        // the owning `Ram` lives; the destination writes guest memory only
-        // through raw pointers while its guest is not running.
+        // SAFETY: the range lies inside the mapping, which stays mapped for
+        // 'a; the caller guarantees exclusive access to these pages.
         unsafe { std::ptr::write_bytes(self.host.as_ptr().add(off), 0, len) };
         true
     }
@@ -76,16 +107,20 @@ impl RamRegion {
     /// Copies `bytes` over pages `first..first + count`; false (nothing
     /// written) when they are not all inside the region or `bytes` is not
     /// exactly that long.
-    pub fn write_pages(&self, first: u64, count: u64, bytes: &[u8]) -> bool {
+    ///
+    /// # Safety
+    ///
+    /// As for [`zero_pages`](Self::zero_pages): exclusive access to the
+    /// pages for the duration of the call. `bytes` must not alias them.
+    pub unsafe fn write_pages(&self, first: u64, count: u64, bytes: &[u8]) -> bool {
         let Some((off, len)) = self.byte_range(first, count) else {
             return false;
         };
         if bytes.len() != len {
             return false;
         }
-        // SAFETY: the range lies inside the mapping, which stays mapped while
-        // the owning `Ram` lives; the destination writes guest memory only
-        // while its guest is not running, and `bytes` is a separate buffer.
+        // SAFETY: the range lies inside the mapping, which stays mapped for
+        // 'a; the caller guarantees exclusive access and no aliasing.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.host.as_ptr().add(off), len) };
         true
     }
@@ -128,24 +163,20 @@ pub fn is_zero(bytes: &[u8]) -> bool {
 /// memory that backs them.
 #[derive(Clone, Debug)]
 pub struct Ram<'a> {
-    regions: Vec<RamRegion>,
-    _memory: PhantomData<&'a GuestMemory>,
+    regions: Vec<RamRegion<'a>>,
 }
 
-// SAFETY: a `Ram` describes mappings owned by a `GuestMemory` that it borrows;
-// the migration threads touch the bytes only through raw pointers, under the
-// rules documented on `RamRegion::pages_slice` and `RamRegion::zero_pages`.
-unsafe impl Send for Ram<'_> {}
+// SAFETY: a region describes a mapping it borrows for 'a, like a `&'a [u8]`
+// would; every access to the bytes goes through raw pointers under the
+// contracts of `RamRegion::pages_slice`, `zero_pages` and `write_pages`,
+// which are `unsafe` for exactly that reason.
+unsafe impl Send for RamRegion<'_> {}
 // SAFETY: as above.
-unsafe impl Sync for Ram<'_> {}
-// SAFETY: as above.
-unsafe impl Send for RamRegion {}
-// SAFETY: as above.
-unsafe impl Sync for RamRegion {}
+unsafe impl Sync for RamRegion<'_> {}
 
 impl<'a> Ram<'a> {
     /// The regions of `memory`, numbered in order.
-    pub fn from_memory(memory: &'a GuestMemory) -> Ram<'a> {
+    pub fn from_memory(memory: &'a MappedMemory) -> Ram<'a> {
         let regions = memory
             .regions()
             .iter()
@@ -156,13 +187,11 @@ impl<'a> Ram<'a> {
                     gpa: r.gpa(),
                     host: NonNull::new(r.host_ptr())?,
                     len: r.size() - r.size() % PAGE_SIZE,
+                    _memory: PhantomData,
                 })
             })
             .collect();
-        Ram {
-            regions,
-            _memory: PhantomData,
-        }
+        Ram { regions }
     }
 
     /// Describes raw mappings as guest RAM.
@@ -180,21 +209,19 @@ impl<'a> Ram<'a> {
                 gpa,
                 host,
                 len: len - len % PAGE_SIZE,
+                _memory: PhantomData,
             })
             .collect();
-        Ram {
-            regions,
-            _memory: PhantomData,
-        }
+        Ram { regions }
     }
 
     /// The regions, indexed by wire id.
-    pub fn regions(&self) -> &[RamRegion] {
+    pub fn regions(&self) -> &[RamRegion<'a>] {
         &self.regions
     }
 
     /// The region with wire id `id`.
-    pub fn region(&self, id: u16) -> Option<&RamRegion> {
+    pub fn region(&self, id: u16) -> Option<&RamRegion<'a>> {
         self.regions.get(usize::from(id))
     }
 
@@ -223,7 +250,7 @@ impl<'a> Ram<'a> {
             .iter()
             .map(|r| {
                 // SAFETY: the mapping stays mapped for 'a (the borrow of the
-                // GuestMemory, or `from_raw`'s contract), and every channel
+                // MappedMemory, or `from_raw`'s contract), and every channel
                 // built from these regions lives inside the migration call
                 // that borrows this `Ram`.
                 unsafe { MemRegion::new(r.host, r.len as usize) }

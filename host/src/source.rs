@@ -46,7 +46,7 @@ use ferry_core::wire::{
 use ferry_uring::{share_out, AnyChannel, Channel, OutRecord, Payload, ProbeReport, Transport};
 
 use crate::dirty::{DirtyError, DirtyTracker};
-use crate::link::{self, Endpoint, LinkError, ReturnMsg};
+use crate::link::{self, ChannelRole, Connector, Endpoint, LinkError, ReturnMsg};
 use crate::migration::{
     monotonic_ns, CallbackError, Event, GuestControl, PostcopyProgress, RoundProgress,
     SourceConfig, SourcePostcopyReport, SourceReport, SNAPSHOT_BITMAP_SECTION,
@@ -273,7 +273,8 @@ impl Section for DevicePending {
     }
 }
 
-/// Migrates `ram` to the destination at `link.endpoint`.
+/// Migrates `ram` to the destination at `link.endpoint`, dialling every
+/// connection itself.
 ///
 /// `tracker` must track exactly the regions of `ram`, in order. Progress goes
 /// to `events`. On success the guest is paused here and runs on the
@@ -286,8 +287,61 @@ pub fn migrate<T: DirtyTracker, G: GuestControl>(
     link: &SourceLink,
     events: &mut dyn FnMut(&Event),
 ) -> Result<SourceReport, SourceError> {
+    let mut dial = &link.endpoint;
+    run_migration(
+        ram,
+        tracker,
+        guest,
+        config,
+        &mut dial,
+        link.transport,
+        link.bulk_channels,
+        events,
+    )
+}
+
+/// As [`migrate`], over connections the caller supplies: `connections`
+/// gives the control stream, the bulk streams (as many as it has, or
+/// `bulk_channels` when it can make any number, as an [`Endpoint`] can) and,
+/// with postcopy-ram, the urgent stream. Management software that owns the
+/// sockets passes them in through [`link::Connected`].
+#[allow(clippy::too_many_arguments)]
+pub fn migrate_over<T: DirtyTracker, G: GuestControl, C: Connector>(
+    ram: &Ram<'_>,
+    tracker: &mut T,
+    guest: &mut G,
+    config: &SourceConfig,
+    connections: &mut C,
+    transport: Transport,
+    bulk_channels: usize,
+    events: &mut dyn FnMut(&Event),
+) -> Result<SourceReport, SourceError> {
+    let n = connections.bulk_channels().unwrap_or(bulk_channels);
+    run_migration(
+        ram,
+        tracker,
+        guest,
+        config,
+        connections,
+        transport,
+        n,
+        events,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_migration<T: DirtyTracker, G: GuestControl>(
+    ram: &Ram<'_>,
+    tracker: &mut T,
+    guest: &mut G,
+    config: &SourceConfig,
+    connections: &mut dyn Connector,
+    transport: Transport,
+    bulk_channels: usize,
+    events: &mut dyn FnMut(&Event),
+) -> Result<SourceReport, SourceError> {
     let probe = ferry_uring::probe();
-    let mut src = Source::connect(ram, config, link, &probe)?;
+    let mut src = Source::connect(ram, config, connections, transport, bulk_channels, &probe)?;
     events(&Event::Connected {
         transport: src.transport_name.clone(),
     });
@@ -316,11 +370,13 @@ impl<'r, 'm> Source<'r, 'm> {
     fn connect(
         ram: &'r Ram<'m>,
         config: &'r SourceConfig,
-        link: &SourceLink,
+        connections: &mut dyn Connector,
+        transport: Transport,
+        bulk_channels: usize,
         probe: &ProbeReport,
     ) -> Result<Self, SourceError> {
         let started = Instant::now();
-        let n_bulk = link.bulk_channels.max(1);
+        let n_bulk = bulk_channels.max(1);
         let layout = ram.layout().map_err(|e| {
             SourceError::Destination(format!("the guest RAM layout is invalid: {e:?}"))
         })?;
@@ -332,7 +388,7 @@ impl<'r, 'm> Source<'r, 'm> {
             channels: u16::try_from(n_bulk + extra).unwrap_or(u16::MAX),
         };
         let hello = Hello::new(caps, layout);
-        let mut ctl_conn = link::connect(&link.endpoint)?;
+        let mut ctl_conn = connections.connect(ChannelRole::Control)?;
         let (neg, ret_dec) =
             link::source_handshake(&mut ctl_conn, &hello, Duration::from_secs(30))?;
         let ret_conn = ctl_conn.try_clone().map_err(|source| LinkError::Io {
@@ -349,22 +405,22 @@ impl<'r, 'm> Source<'r, 'm> {
                 source,
             })?,
             &[],
-            link.transport,
+            transport,
             probe,
         )
         .map_err(chan_err("control".into()))?;
         let mut bulk = Vec::with_capacity(n_bulk);
         for i in 0..n_bulk {
-            let c = link::connect(&link.endpoint)?;
+            let c = connections.connect(ChannelRole::Bulk(i))?;
             bulk.push(
-                AnyChannel::new(c, &regions, link.transport, probe)
+                AnyChannel::new(c, &regions, transport, probe)
                     .map_err(chan_err(format!("bulk {i}")))?,
             );
         }
         // The urgent connection comes last: page requests in, replies out,
         // never behind bulk data.
         let urgent = if neg.caps.postcopy_ram {
-            Some(link::connect(&link.endpoint)?)
+            Some(connections.connect(ChannelRole::Urgent)?)
         } else {
             None
         };

@@ -14,8 +14,10 @@ use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 /// `UFFD_FEATURE_MINOR_SHMEM` (Linux 5.14): the crate's `FeatureFlags` has no constant for it.
 pub const FEATURE_MINOR_SHMEM: FeatureFlags = FeatureFlags::from_bits_retain(1 << 10);
 /// `UFFD_FEATURE_WP_HUGETLBFS_SHMEM` (Linux 5.19): the crate's `FeatureFlags` has no constant for it.
+#[cfg(feature = "uffd-wp")]
 pub const FEATURE_WP_HUGETLBFS_SHMEM: FeatureFlags = FeatureFlags::from_bits_retain(1 << 12);
 /// `UFFD_FEATURE_WP_UNPOPULATED` (Linux 6.4): the crate's `FeatureFlags` has no constant for it.
+#[cfg(feature = "uffd-wp")]
 pub const FEATURE_WP_UNPOPULATED: FeatureFlags = FeatureFlags::from_bits_retain(1 << 13);
 
 /// The system error behind a crate error, errno kept: `userfaultfd::Error` has no conversion

@@ -16,7 +16,7 @@ use std::time::Duration;
 use ferry_core::policy::PolicyError;
 use ferry_host::destination::{self, DestinationConfig, DestinationErrorKind};
 use ferry_host::link::{Endpoint, Listener};
-use ferry_host::memory::{GuestMemory, MemoryOptions};
+use ferry_host::memory::{MappedMemory, MemoryOptions};
 use ferry_host::migration::{
     CallbackError, DeviceSection, Event, GuestStarter, SourceConfig, SNAPSHOT_BITMAP_SECTION,
 };
@@ -132,7 +132,7 @@ fn run_postcopy_into(transport: Transport, channels: usize, memfd: bool) {
             backing: ferry_host::memory::Backing::Memfd,
             ..MemoryOptions::default()
         };
-        GuestMemory::with_size(size, 1 << 30, opts).unwrap()
+        MappedMemory::with_size(size, 1 << 30, opts).unwrap()
     } else {
         memory(size)
     };

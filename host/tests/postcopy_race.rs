@@ -159,14 +159,14 @@ fn a_fault_on_a_page_installed_meanwhile_is_woken_not_requested() {
 /// claims nothing, so it never overwrites what the guest wrote since.
 #[test]
 fn in_place_claims_keep_late_copies_off_a_page_the_guest_wrote() {
-    use ferry_host::memory::{Backing, GuestMemory, MemoryOptions};
+    use ferry_host::memory::{Backing, MappedMemory, MemoryOptions};
     use ferry_host::postcopy::Claim;
     let pages = 512u64;
     let opts = MemoryOptions {
         backing: Backing::Memfd,
         ..MemoryOptions::default()
     };
-    let mem = GuestMemory::with_size(2 << 20, 1 << 30, opts).unwrap();
+    let mem = MappedMemory::with_size(2 << 20, 1 << 30, opts).unwrap();
     let region = &mem.regions()[0];
     let second = region.map_second().unwrap();
     let ram = Ram::from_memory(&mem);

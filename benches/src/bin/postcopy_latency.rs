@@ -19,18 +19,18 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use ferry_cli::kvm_guest::{self, IncomingGuest, SourceGuest};
+use ferry_cli::vmm::{Vm, VmConfig};
 use ferry_host::destination::{self, DestinationConfig};
 use ferry_host::dirty::{ProcessRegion, UffdWpTracker};
-use ferry_host::kvm_guest::{self, IncomingGuest, SourceGuest};
 use ferry_host::link::Listener;
-use ferry_host::memory::{Backing, GuestMemory, MemoryOptions};
+use ferry_host::memory::{Backing, MappedMemory, MemoryOptions};
 use ferry_host::migration::{
     CallbackError, DeviceSection, GuestControl, GuestStarter, SourceConfig,
 };
 use ferry_host::postcopy::{LatencySummary, Uffd};
 use ferry_host::ram::{Ram, PAGE_SIZE};
 use ferry_host::source::{self, SourceLink};
-use ferry_host::vmm::{Vm, VmConfig};
 use ferry_uring::{Transport, UringConfig};
 
 const MIB: u64 = 1 << 20;
@@ -137,8 +137,8 @@ impl GuestStarter for Toucher {
     }
 }
 
-fn memory(size: u64) -> GuestMemory {
-    GuestMemory::with_size(size, 1 << 30, MemoryOptions::default()).unwrap()
+fn memory(size: u64) -> MappedMemory {
+    MappedMemory::with_size(size, 1 << 30, MemoryOptions::default()).unwrap()
 }
 
 /// One postcopy migration of process memory; returns the fault latencies.
@@ -250,7 +250,7 @@ fn install_cost(pages: usize, reps: usize) -> (f64, Option<f64>, f64) {
                 backing: Backing::Memfd,
                 ..MemoryOptions::default()
             };
-            let shared = GuestMemory::with_size(len, 1 << 30, opts).unwrap();
+            let shared = MappedMemory::with_size(len, 1 << 30, opts).unwrap();
             let region = &shared.regions()[0];
             let guest = region.host_ptr() as usize;
             let second = region.map_second().unwrap();

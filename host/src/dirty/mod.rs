@@ -46,10 +46,14 @@
 //! through its own mapping, are not seen by the hardware or fault path the back ends rely
 //! on; whoever makes such writes must report them.
 
+#[cfg(feature = "kvm")]
 pub mod kvm;
+#[cfg(feature = "uffd-wp")]
 pub mod uffd_wp;
 
+#[cfg(feature = "kvm")]
 pub use kvm::{KvmDirtyTracker, KvmSlot, ManualProtect};
+#[cfg(feature = "uffd-wp")]
 pub use uffd_wp::{ProcessRegion, UffdWpTracker};
 
 use std::io;
@@ -129,7 +133,7 @@ pub enum DirtyError {
         /// The memory slot.
         slot: u32,
         /// The error the kernel returned.
-        source: kvm_ioctls::Error,
+        source: vmm_sys_util::errno::Error,
     },
     /// Manual dirty-log protection was required and the kernel does not offer it.
     #[error("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is not available: {reason}")]
@@ -237,6 +241,7 @@ pub(crate) fn check_mask(region: usize, first_page: u64, mask: &[u64], pages: u6
 }
 
 /// Checks that `first_page..first_page + count` lies inside a region of `pages` pages.
+#[cfg(any(feature = "kvm", feature = "uffd-wp"))]
 pub(crate) fn check_range(region: usize, first_page: u64, count: u64, pages: u64) -> Result<()> {
     match first_page.checked_add(count) {
         Some(end) if end <= pages => Ok(()),
@@ -278,6 +283,7 @@ pub(crate) fn mask_runs(mask: &[u64], limit: u64) -> impl Iterator<Item = (u64, 
 }
 
 /// ORs `src` into `dst` and returns the number of bits newly set in `dst`.
+#[cfg(any(feature = "kvm", feature = "uffd-wp"))]
 pub(crate) fn or_into(dst: &mut [u64], src: &[u64]) -> u64 {
     let mut newly = 0u64;
     for (d, s) in dst.iter_mut().zip(src) {

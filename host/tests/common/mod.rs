@@ -9,15 +9,15 @@ use std::thread;
 use std::time::Duration;
 
 use ferry_host::dirty::{ProcessRegion, UffdWpTracker};
-use ferry_host::memory::{GuestMemory, MemoryOptions};
+use ferry_host::memory::{MappedMemory, MemoryOptions};
 use ferry_host::migration::{CallbackError, DeviceSection, GuestControl};
 use ferry_host::ram::PAGE_SIZE;
 
-pub fn memory(size: u64) -> GuestMemory {
-    GuestMemory::with_size(size, 1 << 30, MemoryOptions::default()).expect("guest memory")
+pub fn memory(size: u64) -> MappedMemory {
+    MappedMemory::with_size(size, 1 << 30, MemoryOptions::default()).expect("guest memory")
 }
 
-pub fn fill(mem: &GuestMemory) {
+pub fn fill(mem: &MappedMemory) {
     for r in mem.regions() {
         let p = r.host_ptr();
         for page in 0..r.size() / PAGE_SIZE {
@@ -36,7 +36,7 @@ pub fn fill(mem: &GuestMemory) {
     }
 }
 
-pub fn tracker_for(mem: &GuestMemory) -> UffdWpTracker {
+pub fn tracker_for(mem: &MappedMemory) -> UffdWpTracker {
     let regions: Vec<ProcessRegion> = mem
         .regions()
         .iter()
@@ -45,7 +45,7 @@ pub fn tracker_for(mem: &GuestMemory) -> UffdWpTracker {
     UffdWpTracker::new(&regions).expect("userfaultfd write-protect tracker")
 }
 
-pub fn same_bytes(a: &GuestMemory, b: &GuestMemory) -> Result<(), String> {
+pub fn same_bytes(a: &MappedMemory, b: &MappedMemory) -> Result<(), String> {
     for (ra, rb) in a.regions().iter().zip(b.regions()) {
         // SAFETY: both mappings are alive and nobody writes them now.
         let (sa, sb) = unsafe {

@@ -14,14 +14,14 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use ferry_cli::kvm_guest::{self, IncomingGuest, SourceGuest};
+use ferry_cli::vmm::{VerifyReport, Vm, VmConfig};
 use ferry_host::destination;
-use ferry_host::kvm_guest::{self, IncomingGuest, SourceGuest};
 use ferry_host::link::{Endpoint, Listener};
 use ferry_host::migration::{DestinationReport, Event, SourceConfig, SourceReport};
 use ferry_host::postcopy::{DestinationPostcopyReport, PostcopyHandle};
 use ferry_host::ram::Ram;
 use ferry_host::source::{self, SourceLink};
-use ferry_host::vmm::{VerifyReport, Vm, VmConfig};
 use ferry_uring::{RecvStrategy, Transport, UringConfig};
 
 #[derive(Parser, Debug)]

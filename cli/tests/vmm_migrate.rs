@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use ferry_host::vmm::{Vm, VmConfig, VmmError};
+use ferry_cli::vmm::{Vm, VmConfig, VmmError};
 
 const T: Duration = Duration::from_secs(60);
 

@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use kvm_ioctls::VmFd;
 
-use crate::dirty::{DirtyError, KvmDirtyTracker, KvmSlot, ManualProtect};
-use crate::migration::{CallbackError, DeviceSection, GuestControl, GuestStarter};
 use crate::vmm::Vm;
+use ferry_host::dirty::{DirtyError, KvmDirtyTracker, KvmSlot, ManualProtect};
+use ferry_host::migration::{CallbackError, DeviceSection, GuestControl, GuestStarter};
 
 /// Section id of the vCPU state.
 pub const VCPU_SECTION: u16 = 1;

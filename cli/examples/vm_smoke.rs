@@ -6,8 +6,8 @@
 
 use std::time::{Duration, Instant};
 
+use ferry_cli::vmm::{Vm, VmConfig};
 use ferry_host::memory::{HugePages, MemoryOptions};
-use ferry_host::vmm::{Vm, VmConfig};
 
 fn percentiles(name: &str, mut v: Vec<Duration>) {
     v.sort();

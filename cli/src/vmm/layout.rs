@@ -1,7 +1,7 @@
 //! The demo guest's physical memory layout, the mailbox format, and the boot structures
 //! (page tables, GDT, TSS) the host writes before the first run.
 //!
-//! Everything here mirrors `host/guest/mailbox.h`; the guest reads its configuration from the
+//! Everything here mirrors `cli/guest/mailbox.h`; the guest reads its configuration from the
 //! mailbox, so the host is the single source of the layout.
 //!
 //! ```text
@@ -15,7 +15,7 @@
 //! 2 MiB-aligned after it, to the end of RAM: workload pages
 //! ```
 
-use crate::memory::{GuestMemory, MemoryError};
+use ferry_host::memory::{MappedMemory, MemoryError};
 
 /// Guest physical address of the mailbox page.
 pub const MAILBOX_GPA: u64 = 0x1000;
@@ -184,7 +184,7 @@ pub fn stack_top(index: u32) -> u64 {
 /// Writes page tables (identity map of all RAM with 2 MiB user pages), GDT, TSS, the guest
 /// image and the mailbox configuration into fresh guest memory.
 pub fn write_boot(
-    mem: &GuestMemory,
+    mem: &MappedMemory,
     layout: &Layout,
     image: &[u8],
     config: &MailboxConfig,
@@ -246,7 +246,7 @@ pub struct MailboxConfig {
 }
 
 impl MailboxConfig {
-    fn write(&self, mem: &GuestMemory, layout: &Layout) -> Result<(), MemoryError> {
+    fn write(&self, mem: &MappedMemory, layout: &Layout) -> Result<(), MemoryError> {
         let f = |off: u64, v: u64| mem.write_u64(MAILBOX_GPA + off, v);
         f(mb::ABI, MAILBOX_ABI)?;
         f(mb::SEED, self.seed)?;

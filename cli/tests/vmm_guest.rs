@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ferry_host::vmm::{Phase, Vm, VmConfig};
+use ferry_cli::vmm::{Phase, Vm, VmConfig};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -175,7 +175,7 @@ fn stale_page_is_a_mismatch() {
     let vtab_len = (l.work_pages * 4) as usize;
     let mut vt0 = vec![0u8; vtab_len];
     vm.memory()
-        .read(ferry_host::vmm::layout::VTAB_GPA, &mut vt0)
+        .read(ferry_cli::vmm::layout::VTAB_GPA, &mut vt0)
         .unwrap();
     vm.set_dirty_rate(40 << 20).unwrap();
     let d = vm.guest_status().unwrap().pages_dirtied;
@@ -185,7 +185,7 @@ fn stale_page_is_a_mismatch() {
     vm.wait_rate_applied(T).unwrap();
     let mut vt1 = vec![0u8; vtab_len];
     vm.memory()
-        .read(ferry_host::vmm::layout::VTAB_GPA, &mut vt1)
+        .read(ferry_cli::vmm::layout::VTAB_GPA, &mut vt1)
         .unwrap();
     let changed = (0..l.work_pages as usize)
         .find(|&i| vt0[i * 4..i * 4 + 4] != vt1[i * 4..i * 4 + 4])
@@ -231,7 +231,7 @@ fn pause_freezes_the_guest_and_resume_continues() {
     vm.resume().unwrap();
     assert!(matches!(
         vm.save_state(),
-        Err(ferry_host::vmm::VmmError::NotPaused)
+        Err(ferry_cli::vmm::VmmError::NotPaused)
     ));
 }
 
@@ -253,7 +253,7 @@ fn bad_configurations_are_refused() {
         };
         assert!(matches!(
             Vm::new(c),
-            Err(ferry_host::vmm::VmmError::Config(_))
+            Err(ferry_cli::vmm::VmmError::Config(_))
         ));
     }
 }

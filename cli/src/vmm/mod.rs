@@ -1,6 +1,6 @@
 //! A small real KVM virtual machine with a built-in guest workload, for the demo and tests.
 //!
-//! The guest (source in `host/guest/`, built by `build.rs`) runs entirely in 64-bit ring 3:
+//! The guest (source in `cli/guest/`, built by `build.rs`) runs entirely in 64-bit ring 3:
 //! the host sets up long mode, page tables, GDT and TSS itself and starts every vCPU at the
 //! guest's entry point with user-mode segments, because this machine's KVM (nested through
 //! PVM) runs guest ring 0 very slowly and ring 3 natively. The guest never exits; host and
@@ -11,7 +11,7 @@
 //! paced by the TSC, and verifies every page against its version table on request.
 //!
 //! ```no_run
-//! use ferry_host::vmm::{Vm, VmConfig};
+//! use ferry_cli::vmm::{Vm, VmConfig};
 //! use std::time::Duration;
 //!
 //! let vm = Vm::new(VmConfig { mem_size: 256 << 20, dirty_rate: 10 << 20, ..VmConfig::default() })?;
@@ -19,7 +19,7 @@
 //! vm.wait_filled(Duration::from_secs(30))?;
 //! let report = vm.request_verify(Duration::from_secs(30))?;
 //! assert_eq!(report.mismatches, 0);
-//! # Ok::<(), ferry_host::vmm::VmmError>(())
+//! # Ok::<(), ferry_cli::vmm::VmmError>(())
 //! ```
 //!
 //! Migration in miniature: pause the source, [`Vm::save_state`], copy every memory slot into a
@@ -41,10 +41,10 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
-use crate::memory::{GuestMemory, MemoryError, MemoryOptions};
+use ferry_host::memory::{MappedMemory, MemoryError, MemoryOptions};
 use layout::{mb, st, Layout, MailboxConfig};
 
-/// The guest workload image, built from `host/guest/` by `build.rs`.
+/// The guest workload image, built from `cli/guest/` by `build.rs`.
 pub static GUEST_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest.bin"));
 
 /// How often the host polls the mailbox while waiting for the guest.
@@ -190,7 +190,7 @@ impl Default for VmConfig {
 /// A KVM memory slot backing guest RAM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct MemorySlot {
-    /// KVM slot number (also the [`GuestMemory`] region id).
+    /// KVM slot number (also the [`MappedMemory`] region id).
     pub slot: u32,
     /// Guest physical base.
     pub gpa: u64,
@@ -308,7 +308,7 @@ pub struct Vm {
     vcpus: vcpu::Vcpus,
     vm: Arc<VmFd>,
     _kvm: Kvm,
-    memory: GuestMemory,
+    memory: MappedMemory,
     slots: Vec<MemorySlot>,
     config: VmConfig,
     layout: Layout,
@@ -427,7 +427,7 @@ impl Vm {
             }
         }
 
-        let memory = GuestMemory::with_size(config.mem_size, config.max_slot_size, config.memory)?;
+        let memory = MappedMemory::with_size(config.mem_size, config.max_slot_size, config.memory)?;
         let mut slots = Vec::new();
         for r in memory.regions() {
             let slot = MemorySlot {
@@ -505,7 +505,7 @@ impl Vm {
     }
 
     /// Guest RAM.
-    pub fn memory(&self) -> &GuestMemory {
+    pub fn memory(&self) -> &MappedMemory {
         &self.memory
     }
 
@@ -791,7 +791,7 @@ fn set_slot(vm: &VmFd, s: &MemorySlot, flags: u32) -> Result<(), VmmError> {
         memory_size: s.size,
         userspace_addr: s.host_addr,
     };
-    // SAFETY: the host range is a live mapping owned by the VM's `GuestMemory`. The vCPUs,
+    // SAFETY: the host range is a live mapping owned by the VM's `MappedMemory`. The vCPUs,
     // the only users of the slot, are stopped and joined before that memory is dropped
     // (field order of `Vm`); a VM fd kept alive elsewhere after that runs no guest code, and
     // the kernel treats a stale user address as a fault, not as our memory.
@@ -882,6 +882,6 @@ mod tests {
     #[test]
     fn vm_is_shareable_across_threads() {
         assert_send_sync::<Vm>();
-        assert_send_sync::<GuestMemory>();
+        assert_send_sync::<MappedMemory>();
     }
 }

@@ -1,4 +1,4 @@
-//! Builds the demo guest workload (host/guest/) into a flat binary with the system C compiler
+//! Builds the demo guest workload (cli/guest/) into a flat binary with the system C compiler
 //! (gcc or cc, plus binutils' linker) — the same tools Rust already needs to link on Linux.
 
 use std::path::PathBuf;

@@ -8,14 +8,14 @@ use std::path::Path;
 use std::thread;
 use std::time::Duration;
 
+use ferry_cli::kvm_guest::{self, IncomingGuest, SourceGuest};
+use ferry_cli::vmm::{Vm, VmConfig};
 use ferry_host::destination::{self, DestinationConfig};
-use ferry_host::kvm_guest::{self, IncomingGuest, SourceGuest};
 use ferry_host::link::Listener;
 use ferry_host::memory::{Backing, MemoryOptions};
 use ferry_host::migration::{Event, SourceConfig};
 use ferry_host::ram::Ram;
 use ferry_host::source::{self, SourceLink};
-use ferry_host::vmm::{Vm, VmConfig};
 use ferry_uring::{Transport, UringConfig};
 
 const T: Duration = Duration::from_secs(120);

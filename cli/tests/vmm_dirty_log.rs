@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use ferry_host::vmm::{layout, Vm, VmConfig};
+use ferry_cli::vmm::{layout, Vm, VmConfig};
 
 const T: Duration = Duration::from_secs(60);
 
