@@ -14,6 +14,7 @@ use ferry_host::destination::{self, DestinationConfig};
 use ferry_host::link::Listener;
 use ferry_host::memory::{Backing, MemoryOptions};
 use ferry_host::migration::{Event, SourceConfig};
+use ferry_host::postcopy::PostcopyMode;
 use ferry_host::ram::Ram;
 use ferry_host::source::{self, SourceLink};
 use ferry_uring::{Transport, UringConfig};
@@ -166,7 +167,7 @@ fn run(memfd: bool) {
     let spc = report.postcopy.expect("source postcopy report");
     let dpc = dst_report.postcopy.expect("destination postcopy report");
     eprintln!("source: {spc:?}\ndestination: {dpc:?}");
-    assert_eq!(spc.mode, "ram");
+    assert_eq!(spc.mode, PostcopyMode::Ram);
     assert!(spc.pages_discarded > 0);
     assert!(dpc.faults > 0, "the guest's vCPUs faulted on missing pages");
     assert!(dpc.pages_on_demand > 0);

@@ -58,7 +58,9 @@ use crate::link::{
     self, Acceptor, ChannelRole, LinkError, ReturnWriter, WireDecodeError, WireDecoder,
 };
 use crate::migration::{monotonic_ns, DestinationReport, DeviceSection, GuestStarter};
-use crate::postcopy::{Claim, FaultService, PageInstaller, PostcopyError, RequestSink, Uffd, Via};
+use crate::postcopy::{
+    Claim, FaultService, PageInstaller, PostcopyError, PostcopyMode, RequestSink, Uffd, Via,
+};
 use crate::ram::{Ram, PAGE_SIZE};
 
 /// Why a migration failed on the destination.
@@ -1355,9 +1357,9 @@ fn receive_inner<S: GuestStarter>(
                             })?;
                         let mut pc = inst.as_deref().map(|i| i.report()).unwrap_or_default();
                         pc.mode = if mode == Mode::Ram {
-                            "ram".into()
+                            PostcopyMode::Ram
                         } else {
-                            "sections".into()
+                            PostcopyMode::Sections
                         };
                         pc.postcopy_ns = go_at.map(|t| t.elapsed().as_nanos() as u64).unwrap_or(0);
                         pc.section_bytes = secs.iter().map(|s| s.bytes.len() as u64).sum();

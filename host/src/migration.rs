@@ -95,9 +95,10 @@ pub struct SourceConfig {
     /// started) and migrate it as the postcopy-only section
     /// [`SNAPSHOT_BITMAP_SECTION`].
     pub snapshot_bitmap: bool,
-    /// Baseline for the benchmark only: send the replies to page requests on
-    /// the bulk channel, behind the background stream, instead of the urgent
-    /// channel.
+    /// Baseline for the postcopy benchmark only (feature `bench-baselines`):
+    /// send the replies to page requests on the bulk channel, behind the
+    /// background stream, instead of the urgent channel.
+    #[cfg(feature = "bench-baselines")]
     pub replies_on_bulk: bool,
 }
 
@@ -116,8 +117,20 @@ impl Default for SourceConfig {
             postcopy: crate::postcopy::PostcopyHandle::new(),
             postcopy_after_first_pass: false,
             snapshot_bitmap: false,
+            #[cfg(feature = "bench-baselines")]
             replies_on_bulk: false,
         }
+    }
+}
+
+impl SourceConfig {
+    /// Whether replies to page requests go on the bulk channel (a benchmark
+    /// baseline; always false without the `bench-baselines` feature).
+    pub(crate) fn replies_on_bulk(&self) -> bool {
+        #[cfg(feature = "bench-baselines")]
+        return self.replies_on_bulk;
+        #[cfg(not(feature = "bench-baselines"))]
+        false
     }
 }
 
@@ -194,8 +207,8 @@ pub struct PostcopyProgress {
 #[derive(Clone, Debug, Default)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct SourcePostcopyReport {
-    /// `"ram"` or `"sections"`.
-    pub mode: String,
+    /// Which postcopy it was.
+    pub mode: crate::postcopy::PostcopyMode,
     /// Pages discarded at switchover (changed after they were sent).
     pub pages_discarded: u64,
     /// Pages streamed after *go*.

@@ -378,13 +378,38 @@ impl LatencySummary {
     }
 }
 
+/// Which postcopy followed the switchover.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
+pub enum PostcopyMode {
+    /// RAM in postcopy: the guest ran on the destination while pages were
+    /// still missing there, fetched on fault and streamed in the background.
+    #[default]
+    Ram,
+    /// Postcopy-only sections: RAM and device state completed in the
+    /// downtime, and only postcopy-only sections followed.
+    Sections,
+}
+
+impl std::fmt::Display for PostcopyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PostcopyMode::Ram => "ram",
+            PostcopyMode::Sections => "sections",
+        })
+    }
+}
+
 /// What postcopy did on the destination.
 #[derive(Clone, Debug, Default)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct DestinationPostcopyReport {
-    /// `"ram"` (pages fetched on fault) or `"sections"` (RAM completed in the
-    /// downtime; only postcopy-only sections followed).
-    pub mode: String,
+    /// Which postcopy it was.
+    pub mode: PostcopyMode,
     /// Distinct page faults that needed a request to the source.
     pub faults: u64,
     /// Time from a fault being read to its page being installed.
@@ -987,7 +1012,7 @@ impl PageInstaller {
     pub fn report(&self) -> DestinationPostcopyReport {
         let lat = self.latency.lock().unwrap_or_else(PoisonError::into_inner);
         DestinationPostcopyReport {
-            mode: "ram".into(),
+            mode: PostcopyMode::Ram,
             faults: self.faults.load(Ordering::Relaxed),
             fault_latency: lat.as_ref().map(LatencySummary::of).unwrap_or_default(),
             postcopy_ns: 0,

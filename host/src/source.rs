@@ -51,6 +51,7 @@ use crate::migration::{
     monotonic_ns, CallbackError, Event, GuestControl, PostcopyProgress, RoundProgress,
     SourceConfig, SourcePostcopyReport, SourceReport, SNAPSHOT_BITMAP_SECTION,
 };
+use crate::postcopy::PostcopyMode;
 use crate::ram::{Ram, RamRegion, PAGE_SIZE};
 
 /// Records per batch handed to a sender thread.
@@ -677,9 +678,9 @@ impl<'r, 'm> Source<'r, 'm> {
             events(&Event::Paused);
             let mut pc_report = SourcePostcopyReport {
                 mode: if pc_ram {
-                    "ram".into()
+                    PostcopyMode::Ram
                 } else {
-                    "sections".into()
+                    PostcopyMode::Sections
                 },
                 ..SourcePostcopyReport::default()
             };
@@ -920,7 +921,7 @@ impl<'r, 'm> Source<'r, 'm> {
             let writer = conn
                 .try_clone()
                 .map_err(|e| lost(format!("duplicating the urgent socket: {e}")))?;
-            let via_bulk = self.config.replies_on_bulk.then(|| jobs.clone());
+            let via_bulk = self.config.replies_on_bulk().then(|| jobs.clone());
             let (ram, neg, stats) = (self.ram, self.neg, requests.clone());
             server = Some(
                 scope.spawn(move || urgent_server(reader, writer, ram, neg, via_bulk, &stats)),

@@ -6,12 +6,15 @@
 mod common;
 use common::{fill, memory, same_bytes, tracker_for, Writer};
 
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::Duration;
 
 use ferry_host::destination::{self, DestinationErrorKind};
-use ferry_host::link::{Endpoint, Listener};
+use ferry_host::link::{Conn, Connected, Endpoint, Listener};
 use ferry_host::migration::{CallbackError, DeviceSection, GuestStarter, SourceConfig};
 use ferry_host::ram::{Ram, PAGE_SIZE};
 use ferry_host::source::{self, SourceError, SourceLink};
@@ -56,45 +59,105 @@ fn transports() -> Vec<(&'static str, Transport)> {
     ]
 }
 
-fn migrate_under_writes(transport: Transport, channels: usize, endpoint: Endpoint) {
+/// How the two sides of a test migration get their connections.
+enum Wiring {
+    /// The destination listens here and the source dials it.
+    Dial(Endpoint),
+    /// Streams connected beforehand, as management software would hand in.
+    Given { src: Connected, dst: Connected },
+}
+
+/// `bulk` bulk streams besides the control one, each a connected Unix socket
+/// pair: one end for the source, the other for the destination.
+fn unix_pairs(bulk: usize) -> Wiring {
+    let pair = || UnixStream::pair().expect("socketpair");
+    let (a, b) = pair();
+    let (mut src, mut dst) = (Connected::new(Conn::Unix(a)), Connected::new(Conn::Unix(b)));
+    for _ in 0..bulk {
+        let (a, b) = pair();
+        src = src.with_bulk(Conn::Unix(a));
+        dst = dst.with_bulk(Conn::Unix(b));
+    }
+    Wiring::Given { src, dst }
+}
+
+/// As [`unix_pairs`], over loopback TCP, each stream handed over as a bare
+/// file descriptor (the way a management process passes sockets in).
+fn tcp_fds(bulk: usize) -> Wiring {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let pair = || {
+        let a = TcpStream::connect(addr).expect("connect");
+        let (b, _) = l.accept().expect("accept");
+        let fd = |s: TcpStream| Conn::from_fd(OwnedFd::from(s)).expect("a TCP socket is accepted");
+        (fd(a), fd(b))
+    };
+    let (a, b) = pair();
+    let (mut src, mut dst) = (Connected::new(a), Connected::new(b));
+    for _ in 0..bulk {
+        let (a, b) = pair();
+        src = src.with_bulk(a);
+        dst = dst.with_bulk(b);
+    }
+    Wiring::Given { src, dst }
+}
+
+fn migrate_under_writes(transport: Transport, channels: usize, wiring: Wiring) {
     let src_mem = memory(96 * MIB);
     let dst_mem = memory(96 * MIB);
     fill(&src_mem);
-    let listener = Listener::bind(&endpoint).expect("bind");
-    let endpoint = listener.local_endpoint().expect("endpoint");
     let src_ram = Ram::from_memory(&src_mem);
     let dst_ram = Ram::from_memory(&dst_mem);
     let base = src_mem.regions()[0].host_ptr() as usize;
     let mut tracker = tracker_for(&src_mem);
     let mut writer = migrate_writer(base, (96 * MIB) as usize, 8, 4096);
-    let (report, dst) = thread::scope(|s| {
-        let dst = s.spawn(|| {
-            let mut starter = Starter::default();
-            destination::receive(&listener, &dst_ram, &mut starter, transport).map(|r| (r, starter))
-        });
-        let link = SourceLink {
-            endpoint: endpoint.clone(),
-            transport,
-            bulk_channels: channels,
-        };
-        let config = SourceConfig {
-            give_up_after: Some(Duration::from_secs(60)),
-            ..SourceConfig::default()
-        };
-        let mut rounds = 0;
-        let report = source::migrate(
-            &src_ram,
-            &mut tracker,
-            &mut writer,
-            &config,
-            &link,
-            &mut |e| {
-                if let ferry_host::migration::Event::Round(p) = e {
-                    rounds = p.round;
-                }
-            },
-        );
-        (report, dst.join().expect("destination thread"))
+    let config = SourceConfig {
+        give_up_after: Some(Duration::from_secs(60)),
+        ..SourceConfig::default()
+    };
+    let (report, dst) = thread::scope(|s| match wiring {
+        Wiring::Dial(endpoint) => {
+            let listener = Listener::bind(&endpoint).expect("bind");
+            let endpoint = listener.local_endpoint().expect("endpoint");
+            let dst = s.spawn(move || {
+                let mut starter = Starter::default();
+                destination::receive(&listener, &dst_ram, &mut starter, transport)
+                    .map(|r| (r, starter))
+            });
+            let link = SourceLink {
+                endpoint,
+                transport,
+                bulk_channels: channels,
+            };
+            let report = source::migrate(
+                &src_ram,
+                &mut tracker,
+                &mut writer,
+                &config,
+                &link,
+                &mut |_| {},
+            );
+            (report, dst.join().expect("destination thread"))
+        }
+        Wiring::Given { mut src, dst } => {
+            let dst = s.spawn(move || {
+                let mut starter = Starter::default();
+                destination::receive(dst, &dst_ram, &mut starter, transport).map(|r| (r, starter))
+            });
+            // `channels` is ignored: the source uses as many bulk streams
+            // as it was given.
+            let report = source::migrate_over(
+                &src_ram,
+                &mut tracker,
+                &mut writer,
+                &config,
+                &mut src,
+                transport,
+                channels,
+                &mut |_| {},
+            );
+            (report, dst.join().expect("destination thread"))
+        }
     });
     let report = report.expect("the migration succeeds");
     let (dst_report, starter) = dst.expect("the destination succeeds");
@@ -123,7 +186,7 @@ fn migrate_under_writes(transport: Transport, channels: usize, endpoint: Endpoin
 fn process_memory_migrates_byte_exact_under_writes() {
     for (name, t) in transports() {
         eprintln!("transport {name}");
-        migrate_under_writes(t, 1, "127.0.0.1:0".parse().expect("endpoint"));
+        migrate_under_writes(t, 1, Wiring::Dial("127.0.0.1:0".parse().expect("endpoint")));
     }
 }
 
@@ -133,8 +196,93 @@ fn two_bulk_channels_over_unix_sockets() {
         eprintln!("transport {name}");
         let path =
             std::env::temp_dir().join(format!("ferry-test-{}-{name}.sock", std::process::id()));
-        migrate_under_writes(t, 2, Endpoint::Unix(path));
+        migrate_under_writes(t, 2, Wiring::Dial(Endpoint::Unix(path)));
     }
+}
+
+/// Management software owns the connections: it opens Unix socket pairs
+/// and loopback TCP connections itself and hands one end of each to either
+/// side (the TCP ones as bare file descriptors).
+#[test]
+fn migrates_over_connections_the_caller_opened() {
+    for (name, t) in transports() {
+        eprintln!("transport {name}, unix socket pairs");
+        migrate_under_writes(t, 0, unix_pairs(2));
+        eprintln!("transport {name}, TCP file descriptors");
+        migrate_under_writes(t, 0, tcp_fds(1));
+    }
+}
+
+/// A file descriptor that is not a TCP or Unix stream socket is refused
+/// with an error that says what it is.
+#[test]
+fn a_descriptor_that_is_not_a_stream_socket_is_refused() {
+    let file = std::fs::File::open("/proc/self/status").expect("open");
+    let err = Conn::from_fd(OwnedFd::from(file)).expect_err("a file is not a socket");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTSOCK), "{err}");
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let err = Conn::from_fd(OwnedFd::from(udp)).expect_err("UDP is not a stream");
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+    assert!(err.to_string().contains("not a stream socket"), "{err}");
+}
+
+/// The destination was handed fewer bulk streams than the source opens: it
+/// says which one is missing, and the source's guest was never paused.
+#[test]
+fn a_missing_caller_connection_fails_cleanly_and_the_guest_runs_on() {
+    let src_mem = memory(32 * MIB);
+    let dst_mem = memory(32 * MIB);
+    fill(&src_mem);
+    let (src_ram, dst_ram) = (Ram::from_memory(&src_mem), Ram::from_memory(&dst_mem));
+    let mut tracker = tracker_for(&src_mem);
+    let mut writer = migrate_writer(
+        src_mem.regions()[0].host_ptr() as usize,
+        (32 * MIB) as usize,
+        1,
+        64,
+    );
+    // The source gets two bulk streams, the destination only the first.
+    let (c_src, c_dst) = UnixStream::pair().expect("socketpair");
+    let (b_src, b_dst) = UnixStream::pair().expect("socketpair");
+    let (b2_src, b2_dst) = UnixStream::pair().expect("socketpair");
+    let mut src = Connected::new(Conn::Unix(c_src))
+        .with_bulk(Conn::Unix(b_src))
+        .with_bulk(Conn::Unix(b2_src));
+    let dst = Connected::new(Conn::Unix(c_dst)).with_bulk(Conn::Unix(b_dst));
+    let transport = Transport::Uring(UringConfig::default());
+    let (src_result, dst_result) = thread::scope(|s| {
+        let dst = s.spawn(|| {
+            let r = destination::receive(dst, &dst_ram, &mut Starter::default(), transport);
+            // The destination process ends: every descriptor it held closes,
+            // the one it was never asked for too.
+            drop(b2_dst);
+            r
+        });
+        let r = source::migrate_over(
+            &src_ram,
+            &mut tracker,
+            &mut writer,
+            &SourceConfig::default(),
+            &mut src,
+            transport,
+            1,
+            &mut |_| {},
+        );
+        (r, dst.join().expect("destination thread"))
+    });
+    let derr = dst_result.expect_err("the destination lacks bulk 1");
+    assert!(!derr.go_received);
+    assert!(
+        derr.to_string()
+            .contains("no connection was given for the bulk 1 channel"),
+        "{derr}"
+    );
+    src_result.expect_err("the source fails too");
+    assert_eq!(
+        writer.pauses.load(Ordering::Relaxed),
+        writer.resumes.load(Ordering::Relaxed),
+        "the source guest runs: every pause was undone"
+    );
 }
 
 /// A destination whose RAM differs refuses the handshake; the source's

@@ -20,6 +20,7 @@ use ferry_host::memory::{MappedMemory, MemoryOptions};
 use ferry_host::migration::{
     CallbackError, DeviceSection, Event, GuestStarter, SourceConfig, SNAPSHOT_BITMAP_SECTION,
 };
+use ferry_host::postcopy::PostcopyMode;
 use ferry_host::ram::{Ram, PAGE_SIZE};
 use ferry_host::source::{self, SourceError, SourceLink};
 use ferry_uring::{Transport, UringConfig};
@@ -235,7 +236,7 @@ fn run_postcopy_into(transport: Transport, channels: usize, memfd: bool) {
     let spc = report.postcopy.expect("source postcopy report");
     let dpc = dst_report.postcopy.expect("destination postcopy report");
     eprintln!("source: {spc:?}\ndestination: {dpc:?}");
-    assert_eq!(spc.mode, "ram");
+    assert_eq!(spc.mode, PostcopyMode::Ram);
     assert!(
         spc.pages_discarded > 0,
         "pages dirtied after they were sent are discarded"
@@ -610,8 +611,8 @@ fn snapshot_scenario(capability: bool) {
     same_bytes(&src_mem, &dst_mem).expect("RAM complete after the downtime");
     let spc = report.postcopy.expect("postcopy-only sections followed");
     let dpc = dst_report.postcopy.expect("destination postcopy report");
-    assert_eq!(spc.mode, "sections", "RAM never in postcopy");
-    assert_eq!(dpc.mode, "sections");
+    assert_eq!(spc.mode, PostcopyMode::Sections, "RAM never in postcopy");
+    assert_eq!(dpc.mode, PostcopyMode::Sections);
     assert_eq!(spc.pages_discarded + spc.pages_streamed + spc.requests, 0);
     assert_eq!(dpc.faults + dpc.pages_on_demand + dpc.pages_streamed, 0);
     assert_eq!(spc.section_bytes, pages / 8);
