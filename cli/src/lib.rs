@@ -8,7 +8,9 @@
 //!   it at a chosen rate and verifies it on request.
 //! - [`kvm_guest`]: that VM as a migratable guest: the callbacks a migration
 //!   needs and its KVM dirty-log tracker.
+//! - [`operator`]: exit codes, and holding a guest until the operator decides.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::panic))]
 
 pub mod kvm_guest;
+pub mod operator;
 pub mod vmm;

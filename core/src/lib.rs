@@ -8,6 +8,7 @@
 //! - [`pending`]: pending bytes in three classes, per section and summed.
 //! - [`policy`]: the iterate / complete / switch-over decision.
 //! - [`state`]: the migration state machine.
+//! - [`session`]: the protocol as sans-IO source and destination sessions.
 //! - [`rate`]: bandwidth and dirty-rate estimators, the switchover threshold.
 //! - [`wire`]: stream and return-path records.
 #![no_std]
@@ -17,5 +18,6 @@ pub mod bitmap;
 pub mod pending;
 pub mod policy;
 pub mod rate;
+pub mod session;
 pub mod state;
 pub mod wire;

@@ -398,7 +398,10 @@ fn accept_in_place_outside_a_payload_takes_nothing() {
 fn return_path_byte_at_a_time() {
     let n = neg(true);
     let recs = [
-        ReturnRepr::Accept,
+        ReturnRepr::Accept {
+            max_channels: 4,
+            max_device_bytes: 1 << 20,
+        },
         ReturnRepr::PageRequest {
             region: 9,
             first: 2,

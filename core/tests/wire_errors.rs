@@ -406,7 +406,11 @@ fn error_messages_are_sentences() {
 
 fn return_refused(bad: &[u8]) -> DecodeError {
     let mut stream = [0u8; HEADER_LEN];
-    ReturnRepr::Accept.emit(0, &mut stream);
+    ReturnRepr::Accept {
+        max_channels: 4,
+        max_device_bytes: 0,
+    }
+    .emit(0, &mut stream);
     let mut all = stream.to_vec();
     all.extend_from_slice(bad);
     let mut dec = ReturnDecoder::new(neg());
@@ -466,9 +470,16 @@ fn return_nonzero_fields() {
         Cause::NonZero { field: Field::Id }
     );
     assert_eq!(
-        return_refused(&raw(0x85, 0, 0, 0, 1, 0, 0, 1)).cause,
+        return_refused(&raw(0x86, 0, 0, 0, 1, 0, 0, 1)).cause,
         Cause::NonZero {
             field: Field::First
+        }
+    );
+    // Accept carries its limits in id and first; count stays zero.
+    assert_eq!(
+        return_refused(&raw(0x85, 0, 4, 1, 8, 0, 0, 1)).cause,
+        Cause::NonZero {
+            field: Field::Count
         }
     );
     assert_eq!(

@@ -250,6 +250,32 @@ const RET_ACCEPT: [u8; HEADER_LEN] = [
     0x57, 0x67, 0x8e, 0xd2, // header_crc
 ];
 
+/// Return path: started (the answer to go), seq 5.
+const RET_STARTED: [u8; HEADER_LEN] = [
+    0x86, // kind
+    0x00, // flags
+    0x00, 0x00, // id
+    0x00, 0x00, 0x00, 0x00, // count
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // first
+    0x00, 0x00, 0x00, 0x00, // payload_len
+    0x00, 0x00, 0x00, 0x00, // payload_crc
+    0x05, 0x00, 0x00, 0x00, // seq
+    0x15, 0x07, 0xec, 0x68, // header_crc
+];
+
+/// Return path: accept stating 9 channels and 1 MiB of device state, seq 6.
+const RET_ACCEPT_LIMITS: [u8; HEADER_LEN] = [
+    0x85, // kind
+    0x00, // flags
+    0x09, 0x00, // id: max channels
+    0x00, 0x00, 0x00, 0x00, // count
+    0x00, 0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00, // first: max device bytes
+    0x00, 0x00, 0x00, 0x00, // payload_len
+    0x00, 0x00, 0x00, 0x00, // payload_crc
+    0x06, 0x00, 0x00, 0x00, // seq
+    0xef, 0x78, 0x10, 0xe4, // header_crc
+];
+
 fn stream_cases() -> Vec<([u8; HEADER_LEN], Repr, Vec<u8>)> {
     vec![
         (
@@ -424,7 +450,21 @@ fn return_cases() -> Vec<([u8; HEADER_LEN], ReturnRepr)> {
                 detail: 0x2000,
             },
         ),
-        (RET_ACCEPT, ReturnRepr::Accept),
+        (
+            RET_ACCEPT,
+            ReturnRepr::Accept {
+                max_channels: 0,
+                max_device_bytes: 0,
+            },
+        ),
+        (RET_STARTED, ReturnRepr::Started),
+        (
+            RET_ACCEPT_LIMITS,
+            ReturnRepr::Accept {
+                max_channels: 9,
+                max_device_bytes: 1 << 20,
+            },
+        ),
     ]
 }
 

@@ -540,7 +540,7 @@ impl Gen<'_> {
     }
 
     fn return_repr(&mut self) -> ReturnRepr {
-        match self.u8() % 5 {
+        match self.u8() % 6 {
             0 => ReturnRepr::PageRequest {
                 region: self.region(),
                 first: self.first(),
@@ -556,7 +556,11 @@ impl Gen<'_> {
                 code: ErrorCode::from_u16(u16::from(self.u8() % 7) + 1).expect("a known code"),
                 detail: self.u64(),
             },
-            _ => ReturnRepr::Accept,
+            4 => ReturnRepr::Started,
+            _ => ReturnRepr::Accept {
+                max_channels: u16::from(self.u8()),
+                max_device_bytes: self.u64(),
+            },
         }
     }
 }
@@ -801,7 +805,10 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     out.push(("stream_decoder", "torn_page_cfg7".to_string(), data));
 
     let returns = [
-        ReturnRepr::Accept,
+        ReturnRepr::Accept {
+            max_channels: 4,
+            max_device_bytes: 1 << 20,
+        },
         ReturnRepr::PageRequest {
             region: 0,
             first: 63,

@@ -43,11 +43,14 @@
 // below stay correct whether or not they are.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferry_core::session::{
+    Completeness, DestinationSession, Limits, Mode as SessionMode, Timeouts,
+};
 use ferry_core::wire::{
     self, Capabilities, ErrorCode, Hello, Negotiated, Repr, ReturnRepr, MAX_RUN_PAGES,
     MAX_SECTION_CHUNK,
@@ -104,7 +107,20 @@ pub struct DestinationConfig {
     /// How long postcopy may wait for its last pages after the source's end
     /// of stream.
     pub complete_timeout: Duration,
+    /// Every bound on a wait: the hello, a silent source, torn pages sent
+    /// again, *go* after *ready*. See [`Timeouts`] for the defaults.
+    pub timeouts: Timeouts,
+    /// What this side takes, stated in its *accept*: channels (control
+    /// included) and bytes of device state. A source that asks for more is
+    /// refused.
+    pub limits: Limits,
 }
+
+/// The channels a destination serves by default: control, up to 14 bulk
+/// channels, urgent.
+pub const DEFAULT_MAX_CHANNELS: u16 = 16;
+/// The device state a destination takes by default, every section together.
+pub const DEFAULT_MAX_DEVICE_BYTES: u64 = 256 << 20;
 
 impl DestinationConfig {
     /// Precopy only, over `transport`.
@@ -114,6 +130,11 @@ impl DestinationConfig {
             postcopy_ram: false,
             postcopy_only_sections: false,
             complete_timeout: Duration::from_secs(60),
+            timeouts: Timeouts::DEFAULT,
+            limits: Limits {
+                max_channels: DEFAULT_MAX_CHANNELS,
+                max_device_bytes: DEFAULT_MAX_DEVICE_BYTES,
+            },
         }
     }
 }
@@ -121,6 +142,10 @@ impl DestinationConfig {
 /// What went wrong on the destination.
 #[derive(Debug, thiserror::Error)]
 pub enum DestinationErrorKind {
+    /// The protocol ended the migration: a wait ran out, the source broke the
+    /// protocol or exceeded a stated limit, or the stream ended incomplete.
+    #[error("the migration failed: {0}")]
+    Session(ferry_core::session::SessionError),
     /// Accepting or the handshake failed.
     #[error(transparent)]
     Link(#[from] LinkError),
@@ -197,18 +222,88 @@ impl DestinationErrorKind {
             | DestinationErrorKind::Thread(_)
             | DestinationErrorKind::Postcopy(_) => ErrorCode::Internal,
             DestinationErrorKind::PostcopyLost { .. } => ErrorCode::Io,
+            DestinationErrorKind::Session(e) => match e.failure {
+                ferry_core::session::Failure::Timeout { .. }
+                | ferry_core::session::Failure::LinkLost => ErrorCode::Io,
+                ferry_core::session::Failure::Cancelled => ErrorCode::Cancelled,
+                ferry_core::session::Failure::Local => ErrorCode::Internal,
+                _ => ErrorCode::Protocol,
+            },
         }
     }
 }
 
-/// Pages that arrived torn and wait for an intact copy.
+/// What arrived: pages received torn that wait for an intact copy, and
+/// every page that arrived intact (or as a zero run) at least once, so that
+/// *ready* is answered only when the whole layout is here.
 #[derive(Debug, Default)]
 struct Torn {
     pages: Mutex<BTreeSet<(u16, u64)>>,
     any: AtomicBool,
+    /// One bit per page of each region: arrived intact at least once.
+    arrived: Vec<Vec<AtomicU64>>,
+    /// Pages of each region.
+    region_pages: Vec<u64>,
 }
 
 impl Torn {
+    fn new(ram: &Ram<'_>) -> Torn {
+        let region_pages: Vec<u64> = ram.regions().iter().map(|r| r.pages()).collect();
+        Torn {
+            arrived: region_pages
+                .iter()
+                .map(|&p| (0..p.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+                .collect(),
+            region_pages,
+            ..Torn::default()
+        }
+    }
+
+    /// Marks `first..first + count` of `region` arrived.
+    fn arrive(&self, region: u16, first: u64, count: u32) {
+        let Some(words) = self.arrived.get(usize::from(region)) else {
+            return;
+        };
+        let end = first.saturating_add(u64::from(count));
+        let mut page = first;
+        while page < end {
+            let (w, b) = ((page / 64) as usize, page % 64);
+            let n = (64 - b).min(end - page);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << b
+            };
+            if let Some(word) = words.get(w) {
+                word.fetch_or(mask, Ordering::Relaxed);
+            }
+            page += n;
+        }
+    }
+
+    /// Pages of the layout that never arrived.
+    fn missing(&self) -> u64 {
+        self.arrived
+            .iter()
+            .zip(&self.region_pages)
+            .map(|(words, &pages)| {
+                let got: u64 = words
+                    .iter()
+                    .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+                    .sum();
+                pages.saturating_sub(got)
+            })
+            .sum()
+    }
+
+    /// Pages still torn.
+    fn torn_pages(&self) -> u64 {
+        self.pages
+            .lock()
+            .map(|p| p.len() as u64)
+            .unwrap_or(u64::MAX)
+    }
+
     fn add(&self, region: u16, first: u64, count: u32) {
         if let Ok(mut p) = self.pages.lock() {
             for pg in first..first + u64::from(count) {
@@ -219,6 +314,7 @@ impl Torn {
     }
 
     fn heal(&self, region: u16, first: u64, count: u32) {
+        self.arrive(region, first, count);
         if !self.any.load(Ordering::Acquire) {
             return;
         }
@@ -603,6 +699,7 @@ fn bulk_thread(
     ret: &ReturnWriter,
     inst: Option<&PageInstaller>,
     notes: &mpsc::Sender<BulkNote>,
+    watch: &Watch,
 ) -> Result<RecvStats, DestinationErrorKind> {
     let name = format!("bulk {index}");
     let mut stats = RecvStats::default();
@@ -630,6 +727,7 @@ fn bulk_thread(
         let Some(got) = got else {
             return Err(DestinationErrorKind::Truncated(name));
         };
+        watch.touch(monotonic_ns());
         let len = got.placement.len();
         stats.bytes += len + wire::HEADER_LEN as u64;
         let Some(rec) = dec.last() else {
@@ -878,6 +976,7 @@ fn receive_any<S: GuestStarter>(
     let mut go_received = false;
     let mut ret_holder: Option<ReturnWriter> = None;
     let mut inst_holder: Option<Arc<PageInstaller>> = None;
+    let mut error_sent = false;
     let r = receive_inner(
         listener,
         ram,
@@ -887,9 +986,10 @@ fn receive_any<S: GuestStarter>(
         &mut go_received,
         &mut ret_holder,
         &mut inst_holder,
+        &mut error_sent,
     );
     r.map_err(|mut kind| {
-        if let Some(ret) = ret_holder {
+        if let Some(ret) = ret_holder.filter(|_| !error_sent) {
             let _ = ret.send(&ReturnRepr::Error {
                 code: kind.code(),
                 detail: 0,
@@ -922,12 +1022,145 @@ fn receive_any<S: GuestStarter>(
     })
 }
 
-/// Which postcopy follows *go*.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    Precopy,
-    Ram,
-    Sections,
+/// Wakes the control thread when the session's deadline passes: the
+/// control channel blocks in a receive, so the watchdog shuts the sockets
+/// down and the control thread then asks the session which wait ran out.
+/// The decision stays with the session; the watchdog only does the I/O.
+#[derive(Debug)]
+struct Watch {
+    /// The session's deadline (monotonic ns), `u64::MAX` for none.
+    deadline: AtomicU64,
+    /// Whether the deadline moves with activity (the idle bound).
+    idle_ns: AtomicU64,
+    /// The last time bytes arrived on any channel.
+    activity: AtomicU64,
+    fired: AtomicBool,
+    done: AtomicBool,
+}
+
+impl Watch {
+    fn new(now: u64) -> Watch {
+        Watch {
+            deadline: AtomicU64::new(u64::MAX),
+            idle_ns: AtomicU64::new(0),
+            activity: AtomicU64::new(now),
+            fired: AtomicBool::new(false),
+            done: AtomicBool::new(false),
+        }
+    }
+
+    fn touch(&self, now: u64) {
+        self.activity.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn activity(&self) -> u64 {
+        self.activity.load(Ordering::Relaxed)
+    }
+
+    fn fired(&self) -> bool {
+        self.fired.load(Ordering::Acquire)
+    }
+
+    fn publish(&self, session: &DestinationSession) {
+        let idle = if session.waits_on_activity() {
+            session.timeouts().idle
+        } else {
+            0
+        };
+        self.idle_ns.store(idle, Ordering::Relaxed);
+        self.deadline.store(
+            session.poll_timeout().unwrap_or(u64::MAX),
+            Ordering::Release,
+        );
+    }
+
+    /// Runs until `done`: shuts `fds` down once the deadline passed.
+    fn run(&self, fds: &[i32]) {
+        while !self.done.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(50));
+            let mut deadline = self.deadline.load(Ordering::Acquire);
+            let idle = self.idle_ns.load(Ordering::Relaxed);
+            if idle > 0 {
+                deadline = deadline.max(self.activity().saturating_add(idle));
+            }
+            if monotonic_ns() >= deadline {
+                self.fired.store(true, Ordering::Release);
+                for fd in fds {
+                    // SAFETY: shutdown on a socket descriptor owned by a live
+                    // channel only changes the socket's state; it does not
+                    // close it, so the descriptor stays valid for its owner.
+                    unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// The error for a session that failed (or refused an input).
+fn session_failed(session: &DestinationSession, channel: &str) -> DestinationErrorKind {
+    match session.failure() {
+        Some(e) => DestinationErrorKind::Session(e),
+        None => DestinationErrorKind::Unexpected {
+            channel: channel.into(),
+            record: format!(
+                "an input the session refused in state {}",
+                session.phase_name()
+            ),
+        },
+    }
+}
+
+/// Sends every return-path record the session queued.
+fn flush_session(session: &mut DestinationSession, ret: &ReturnWriter) -> Result<(), LinkError> {
+    while let Some(c) = session.poll_transmit() {
+        ret.send(&c.repr()).map_err(|source| LinkError::Io {
+            what: "answering on the return path",
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// A page run or zero run sent again on the control channel (the source is
+/// paused, so it must be intact).
+#[allow(clippy::too_many_arguments)]
+fn receive_resent(
+    ram: &Ram<'_>,
+    inst: Option<&PageInstaller>,
+    neg: &Negotiated,
+    rec: &wire::Record,
+    payload: &[u8],
+    torn: &Torn,
+    ret: &ReturnWriter,
+    stats: &mut RecvStats,
+) -> Result<(), DestinationErrorKind> {
+    if let Some(inst) = inst {
+        return install_buffered(inst, neg, rec, payload, torn, ret, stats, Via::Stream, true);
+    }
+    if let Repr::PageRun {
+        region,
+        first,
+        count,
+        ..
+    } = rec.repr
+    {
+        // The decoder checked the run against the layout; the copy checks it
+        // once more.
+        // SAFETY: before *go* the guest here is not running, and the source
+        // resends pages on the control channel only once every bulk channel
+        // has ended its stream; `payload` is the control channel's own buffer.
+        let placed = ram
+            .region(region)
+            .is_some_and(|r| unsafe { r.write_pages(first, u64::from(count), payload) });
+        if !placed {
+            return Err(DestinationErrorKind::Unexpected {
+                channel: "control".into(),
+                record: format!("page run {first}+{count} outside region {region}"),
+            });
+        }
+    }
+    apply_page_record(ram, neg, rec, torn, ret, stats, true)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -940,6 +1173,7 @@ fn receive_inner<S: GuestStarter>(
     go_received: &mut bool,
     ret_holder: &mut Option<ReturnWriter>,
     inst_holder: &mut Option<Arc<PageInstaller>>,
+    error_sent: &mut bool,
 ) -> Result<DestinationReport, DestinationErrorKind> {
     let transport = config.transport;
     let probe = ferry_uring::probe();
@@ -961,7 +1195,8 @@ fn receive_inner<S: GuestStarter>(
         },
         layout,
     );
-    let neg = link::destination_handshake(&mut ctl_conn, &ours, &ret)?;
+    let mut session = DestinationSession::new(monotonic_ns(), config.timeouts, config.limits);
+    let neg = link::destination_handshake(&mut ctl_conn, &ours, &ret, &mut session)?;
     *ret_holder = Some(ret.clone());
     let postcopy_ram = neg.caps.postcopy_ram;
     // With postcopy into anonymous memory, nothing is received into
@@ -1016,19 +1251,32 @@ fn receive_inner<S: GuestStarter>(
     });
     *inst_holder = inst.clone();
     let inst_shared = inst.clone();
-    let torn = Torn::default();
+    let torn = Torn::new(ram);
     let finished = AtomicBool::new(false);
     let mut report = DestinationReport::default();
     let (notes_tx, notes_rx) = mpsc::channel::<BulkNote>();
 
+    let watch = Watch::new(monotonic_ns());
     std::thread::scope(|scope| {
         let mut handles = Vec::new();
         let wake_fds: Vec<i32> = bulk.iter().map(|c| c.stream().fd()).collect();
+        let mut watched: Vec<i32> = wake_fds.clone();
+        watched.push(ctl_chan.stream().fd());
+        if let Some(u) = urgent.as_ref() {
+            watched.push(match u {
+                link::Conn::Tcp(s) => std::os::fd::AsRawFd::as_raw_fd(s),
+                link::Conn::Unix(s) => std::os::fd::AsRawFd::as_raw_fd(s),
+            });
+        }
+        let watchdog = {
+            let watch = &watch;
+            scope.spawn(move || watch.run(&watched))
+        };
         for (i, chan) in bulk.into_iter().enumerate() {
-            let (neg, torn, ret, inst) = (&neg, &torn, &ret, inst.as_deref());
+            let (neg, torn, ret, inst, watch) = (&neg, &torn, &ret, inst.as_deref(), &watch);
             let notes = notes_tx.clone();
             handles.push(scope.spawn(move || {
-                let r = bulk_thread(i, chan, ram, neg, torn, ret, inst, &notes);
+                let r = bulk_thread(i, chan, ram, neg, torn, ret, inst, &notes, watch);
                 if r.is_err() {
                     let _ = notes.send(BulkNote::Failed);
                 }
@@ -1066,12 +1314,8 @@ fn receive_inner<S: GuestStarter>(
             let mut sections: BTreeMap<u16, (Vec<u8>, bool)> = BTreeMap::new();
             let mut pc_sections: BTreeMap<u16, (Vec<u8>, bool)> = BTreeMap::new();
             let mut stats = RecvStats::default();
-            let mut ended = false;
-            let mut ready_sent = false;
-            let mut stop_and_copy = false;
-            let mut listen = false;
-            let mut mode = Mode::Precopy;
             let mut go_at: Option<Instant> = None;
+            watch.publish(&session);
             let join_bulk = |handles: &mut Option<
                 Vec<std::thread::ScopedJoinHandle<'_, Result<RecvStats, DestinationErrorKind>>>,
             >,
@@ -1141,19 +1385,23 @@ fn receive_inner<S: GuestStarter>(
             };
             loop {
                 let got = match ctl.recv(&mut dec, &mut buf) {
-                    Ok(g) => g,
+                    Ok(Some(g)) => g,
+                    Ok(None) | Err(_) if watch.fired() => {
+                        // The watchdog woke us: the session says which wait ran out.
+                        session.note_activity(watch.activity());
+                        session.handle_timeout(monotonic_ns());
+                        return Err(session_failed(&session, "control"));
+                    }
                     Err(source) => {
-                        ctl_conn.shutdown();
                         return Err(DestinationErrorKind::Transport {
                             channel: "control".into(),
                             source,
                         });
                     }
+                    Ok(None) => return Err(DestinationErrorKind::Truncated("control".into())),
                 };
-                let Some(got) = got else {
-                    ctl_conn.shutdown();
-                    return Err(DestinationErrorKind::Truncated("control".into()));
-                };
+                let now = monotonic_ns();
+                watch.touch(now);
                 let len = got.placement.len() as usize;
                 stats.bytes += len as u64 + wire::HEADER_LEN as u64;
                 let Some(rec) = dec.last() else {
@@ -1161,6 +1409,11 @@ fn receive_inner<S: GuestStarter>(
                         "the decoder lost its record".into(),
                     ));
                 };
+                // The session decides whether this record may come now.
+                session.note_activity(watch.activity());
+                if session.handle_record(now, &rec.repr).is_err() {
+                    return Err(session_failed(&session, "control"));
+                }
                 let payload = buf.get(..len).unwrap_or(&[]);
                 match rec.repr {
                     Repr::Section {
@@ -1168,7 +1421,7 @@ fn receive_inner<S: GuestStarter>(
                         offset,
                         last,
                         ..
-                    } if !ended => {
+                    } => {
                         add_chunk(
                             &mut sections,
                             section,
@@ -1183,7 +1436,7 @@ fn receive_inner<S: GuestStarter>(
                         offset,
                         last,
                         ..
-                    } if go_at.is_some() => {
+                    } => {
                         add_chunk(
                             &mut pc_sections,
                             section,
@@ -1193,108 +1446,63 @@ fn receive_inner<S: GuestStarter>(
                             rec.payload_crc,
                         )?;
                     }
-                    Repr::StopAndCopy if !ended => stop_and_copy = true,
-                    Repr::PostcopyListen if !ended => listen = true,
-                    Repr::PostcopyRun if go_at.is_some() => {}
-                    Repr::PageRun { .. } | Repr::ZeroRun { .. } if go_at.is_none() => {
+                    Repr::StopAndCopy | Repr::PostcopyListen | Repr::PostcopyRun => {}
+                    Repr::PageRun { .. } | Repr::ZeroRun { .. } => {
                         // Resent pages: the source is stopped, so they must be intact.
-                        match inst.as_deref() {
-                            Some(inst) => install_buffered(
-                                inst,
-                                &neg,
-                                &rec,
-                                payload,
-                                &torn,
-                                &ret,
-                                &mut stats,
-                                Via::Stream,
-                                true,
-                            )?,
-                            None => {
-                                if let Repr::PageRun {
-                                    region,
-                                    first,
-                                    count,
-                                    ..
-                                } = rec.repr
-                                {
-                                    // The decoder checked the run against the
-                                    // layout; the copy checks it once more.
-                                    // SAFETY: before *go* the guest here
-                                    // is not running, and the source resends
-                                    // pages on the control channel only once
-                                    // every bulk channel has ended its
-                                    // stream; `payload` is the control
-                                    // channel's own buffer.
-                                    let placed = ram.region(region).is_some_and(|r| unsafe {
-                                        r.write_pages(first, u64::from(count), payload)
-                                    });
-                                    if !placed {
-                                        return Err(DestinationErrorKind::Unexpected {
-                                            channel: "control".into(),
-                                            record: format!(
-                                                "page run {first}+{count} outside region {region}"
-                                            ),
-                                        });
-                                    }
-                                }
-                                apply_page_record(ram, &neg, &rec, &torn, &ret, &mut stats, true)?
-                            }
-                        }
+                        receive_resent(
+                            ram,
+                            inst.as_deref(),
+                            &neg,
+                            &rec,
+                            payload,
+                            &torn,
+                            &ret,
+                            &mut stats,
+                        )?;
                     }
-                    Repr::End if !ended => {
-                        ended = true;
-                        incomplete(&sections)?;
-                        match (listen, stop_and_copy, inst.as_deref()) {
-                            (true, false, Some(inst)) => {
-                                // Postcopy RAM: every bulk channel must have
-                                // reached its marker, so every discard is in.
-                                for _ in 0..n_bulk {
-                                    match notes_rx.recv() {
-                                        Ok(BulkNote::Marker) => {}
-                                        Ok(BulkNote::Failed) | Err(_) => {
-                                            inst.abort();
-                                            join_bulk(&mut handles, &mut stats)?;
-                                            return Err(DestinationErrorKind::Thread(
-                                                "a receiver stopped before the switchover".into(),
-                                            ));
-                                        }
-                                    }
-                                }
-                                inst.arm(if inst.in_place() {
-                                    Uffd::new_minor()?
-                                } else {
-                                    Uffd::new()?
-                                })?;
-                                let writer = urgent_writer.clone().ok_or_else(|| {
-                                    DestinationErrorKind::Thread("no urgent channel".into())
-                                })?;
-                                faults = Some(FaultService::start(
-                                    inst_arc(&inst_shared)?,
-                                    UrgentRequests(writer),
-                                )?);
-                                // Torn pages are missing now: the source adds them
-                                // to its background stream.
-                                torn.ask_again(&ret)?;
-                                mode = Mode::Ram;
-                            }
-                            (true, false, None) => {
+                    Repr::End if go_at.is_none() => {
+                        if session.mode() == SessionMode::Ram {
+                            let (Some(inst), Some(writer)) =
+                                (inst.as_deref(), urgent_writer.clone())
+                            else {
                                 return Err(DestinationErrorKind::Unexpected {
                                     channel: "control".into(),
                                     record: "postcopy of RAM without the postcopy-ram capability"
                                         .into(),
-                                })
-                            }
-                            _ => {
-                                join_bulk(&mut handles, &mut stats)?;
-                                torn.ask_again(&ret)?;
-                                if listen {
-                                    mode = Mode::Sections;
+                                });
+                            };
+                            // Postcopy RAM: every bulk channel must have
+                            // reached its marker, so every discard is in.
+                            for _ in 0..n_bulk {
+                                match notes_rx.recv() {
+                                    Ok(BulkNote::Marker) => {}
+                                    Ok(BulkNote::Failed) | Err(_) => {
+                                        inst.abort();
+                                        join_bulk(&mut handles, &mut stats)?;
+                                        return Err(DestinationErrorKind::Thread(
+                                            "a receiver stopped before the switchover".into(),
+                                        ));
+                                    }
                                 }
                             }
+                            inst.arm(if inst.in_place() {
+                                Uffd::new_minor()?
+                            } else {
+                                Uffd::new()?
+                            })?;
+                            faults = Some(FaultService::start(
+                                inst_arc(&inst_shared)?,
+                                UrgentRequests(writer),
+                            )?);
+                            // Torn pages are missing now: the source adds them
+                            // to its background stream.
+                            torn.ask_again(&ret)?;
+                        } else {
+                            join_bulk(&mut handles, &mut stats)?;
+                            torn.ask_again(&ret)?;
                         }
                     }
-                    Repr::Go if ready_sent && go_at.is_none() => {
+                    Repr::Go => {
                         *go_received = true;
                         report.go_at_ns = monotonic_ns();
                         go_at = Some(Instant::now());
@@ -1303,7 +1511,11 @@ fn receive_inner<S: GuestStarter>(
                             .map_err(DestinationErrorKind::Start)?;
                         report.resumed_at_ns = monotonic_ns();
                         report.sections = sections.len() as u32;
-                        if mode == Mode::Precopy {
+                        if session.guest_started(monotonic_ns()).is_err() {
+                            return Err(session_failed(&session, "control"));
+                        }
+                        flush_session(&mut session, &ret)?;
+                        if session.mode() == SessionMode::Precopy {
                             finished.store(true, Ordering::Release);
                             report.bytes_received = stats.bytes;
                             report.pages_received = stats.pages;
@@ -1312,10 +1524,11 @@ fn receive_inner<S: GuestStarter>(
                             return Ok(report.clone());
                         }
                     }
-                    Repr::End if go_at.is_some() => {
+                    Repr::End => {
                         // The end of postcopy: every page and section must be here.
+                        let mode = session.mode();
                         join_bulk(&mut handles, &mut stats)?;
-                        if let Some(inst) = inst.as_deref().filter(|_| mode == Mode::Ram) {
+                        if let Some(inst) = inst.as_deref().filter(|_| mode == SessionMode::Ram) {
                             if let Some(w) = urgent_writer.as_ref() {
                                 for (region, first, count) in inst.missing_runs(MAX_RUN_PAGES) {
                                     w.send(&ReturnRepr::PageRequest {
@@ -1350,13 +1563,12 @@ fn receive_inner<S: GuestStarter>(
                             .postcopy_sections(&secs)
                             .map_err(DestinationErrorKind::Start)?;
                         finished.store(true, Ordering::Release);
-                        ret.send(&ReturnRepr::Ready)
-                            .map_err(|source| LinkError::Io {
-                                what: "acknowledging the end of postcopy",
-                                source,
-                            })?;
+                        if session.postcopy_complete(monotonic_ns()).is_err() {
+                            return Err(session_failed(&session, "control"));
+                        }
+                        flush_session(&mut session, &ret)?;
                         let mut pc = inst.as_deref().map(|i| i.report()).unwrap_or_default();
-                        pc.mode = if mode == Mode::Ram {
+                        pc.mode = if mode == SessionMode::Ram {
                             PostcopyMode::Ram
                         } else {
                             PostcopyMode::Sections
@@ -1371,22 +1583,35 @@ fn receive_inner<S: GuestStarter>(
                         return Ok(report.clone());
                     }
                     other => {
-                        ctl_conn.shutdown();
                         return Err(DestinationErrorKind::Unexpected {
                             channel: "control".into(),
                             record: format!("{other:?}"),
                         });
                     }
                 }
-                if ended && !ready_sent && (mode == Mode::Ram || !torn.any.load(Ordering::Acquire))
-                {
-                    ret.send(&ReturnRepr::Ready)
-                        .map_err(|source| LinkError::Io {
-                            what: "sending ready",
-                            source,
-                        })?;
-                    ready_sent = true;
+                if session.phase_name() == "verifying" {
+                    // Ready only once every page of the layout arrived intact
+                    // (postcopy RAM fetches the rest on fault) and every
+                    // announced section is complete.
+                    let complete = Completeness {
+                        missing_pages: if session.mode() == SessionMode::Ram {
+                            0
+                        } else {
+                            torn.missing()
+                        },
+                        torn_pages: torn.torn_pages(),
+                        incomplete_sections: sections.values().filter(|(_, last)| !*last).count()
+                            as u32,
+                    };
+                    if session
+                        .handle_completeness(monotonic_ns(), complete)
+                        .is_err()
+                    {
+                        return Err(session_failed(&session, "control"));
+                    }
+                    flush_session(&mut session, &ret)?;
                 }
+                watch.publish(&session);
             }
         })();
         if let Some(mut f) = faults.take() {
@@ -1395,6 +1620,16 @@ fn receive_inner<S: GuestStarter>(
         if let Some(inst) = inst.as_deref() {
             inst.abort();
         }
+        if let Err(kind) = &result {
+            // The source learns why before the sockets close.
+            let _ = ret.send(&ReturnRepr::Error {
+                code: kind.code(),
+                detail: 0,
+            });
+            *error_sent = true;
+        }
+        watch.done.store(true, Ordering::Release);
+        let _ = watchdog.join();
         if result.is_err() {
             // Wake the receiver threads so the scope can end.
             ctl_conn.shutdown();

@@ -33,11 +33,22 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use ferry_core::session::DestinationSession;
 use ferry_core::wire::{
     self, decode_header, Hello, Negotiated, Record, Repr, ReturnDecoder, ReturnRecord, ReturnRepr,
     HEADER_LEN, MAX_HELLO_LEN,
 };
 use ferry_uring::{Decoder, Placement};
+
+/// TCP keepalive on every connection: first probe after this many idle seconds.
+pub const KEEPALIVE_IDLE_S: libc::c_int = 10;
+/// Seconds between keepalive probes.
+pub const KEEPALIVE_INTERVAL_S: libc::c_int = 5;
+/// Unanswered probes before the connection is dropped.
+pub const KEEPALIVE_COUNT: libc::c_int = 3;
+/// TCP_USER_TIMEOUT on every connection: data unacknowledged (or a zero
+/// window never reopened) for this long ends the connection.
+pub const USER_TIMEOUT_MS: libc::c_int = 30_000;
 
 /// Pages per stripe: a page's bulk channel is `(page / STRIPE_PAGES) % N`.
 pub const STRIPE_PAGES: u64 = 512;
@@ -99,6 +110,25 @@ pub enum LinkError {
     /// Encoding a record failed (a bug: the record was built wrong).
     #[error("could not encode a record: {0}")]
     Emit(wire::EmitError),
+    /// The peer said nothing within a bound.
+    #[error("the peer sent nothing while {what} for {after_ms} ms, the bound on that wait")]
+    Timeout {
+        /// What was awaited.
+        what: &'static str,
+        /// The bound, in milliseconds.
+        after_ms: u64,
+    },
+    /// The source asked for payload checksums off, which this side refuses.
+    #[error("the source asked to send payloads without checksums, which is refused")]
+    ChecksumsRequired,
+    /// The source asked for more channels than this side serves.
+    #[error("the source asked for {asked} channels, more than the {limit} this side serves")]
+    TooManyChannels {
+        /// Channels asked for, control included.
+        asked: u16,
+        /// The limit this side stated.
+        limit: u16,
+    },
 }
 
 /// Where a destination listens and a source connects.
@@ -193,6 +223,30 @@ impl Conn {
     fn tune(&self) {
         if let Conn::Tcp(s) = self {
             let _ = s.set_nodelay(true);
+            let fd = s.as_raw_fd();
+            // A peer that vanishes or stops acknowledging (a pulled cable, a
+            // frozen host) ends the connection within a bound instead of
+            // leaving a send or a receive blocked for good.
+            let opts = [
+                (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+                (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_S),
+                (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S),
+                (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_COUNT),
+                (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, USER_TIMEOUT_MS),
+            ];
+            for (level, name, value) in opts {
+                // SAFETY: setsockopt on a socket this Conn owns, with a
+                // pointer to a live c_int and its exact size.
+                unsafe {
+                    libc::setsockopt(
+                        fd,
+                        level,
+                        name,
+                        (&value as *const libc::c_int).cast(),
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    );
+                }
+            }
         }
     }
 }
@@ -463,14 +517,15 @@ fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> LinkError {
     move |source| LinkError::Io { what, source }
 }
 
-/// Source side of the handshake: sends our hello, waits for *accept* (or the
-/// destination's refusal) on the return path. Returns what was negotiated and
-/// the return-path decoder, which has consumed the *accept*.
+/// Source side of the handshake: sends our hello, waits at most `timeout` for
+/// *accept* (or the destination's refusal) on the return path. Returns what
+/// was negotiated, the return-path decoder, which has consumed the *accept*,
+/// and the *accept* itself (the destination's limits, for the session).
 pub fn source_handshake(
     ctl: &mut Conn,
     hello: &Hello,
     timeout: Duration,
-) -> Result<(Negotiated, ReturnDecoder), LinkError> {
+) -> Result<(Negotiated, ReturnDecoder, ReturnRepr), LinkError> {
     let mut buf = [0u8; MAX_HELLO_LEN];
     let n = hello.emit(&mut buf).map_err(LinkError::Emit)?;
     ctl.write_all(&buf[..n])
@@ -491,23 +546,52 @@ pub fn source_handshake(
     ctl.set_read_timeout(None)
         .map_err(io_err("clearing a timeout"))?;
     match rec.repr {
-        ReturnRepr::Accept => Ok((neg, dec)),
+        accept @ ReturnRepr::Accept { .. } => Ok((neg, dec, accept)),
         ReturnRepr::Error { code, detail } => Err(LinkError::Refused { code, detail }),
         other => Err(LinkError::Unexpected(format!("{other:?}"))),
     }
 }
 
-/// Destination side of the handshake: reads the source's hello, checks it
-/// against ours (the layout must match exactly), and answers *accept* or an
-/// error naming the reason. Returns what was negotiated.
+/// Destination side of the handshake: reads the source's hello (waiting at
+/// most the session's handshake bound), checks it against ours (the layout
+/// must match exactly, payload checksums must be on) and against the
+/// session's limits, and answers *accept* with those limits, or an error
+/// naming the reason. Returns what was negotiated.
 pub fn destination_handshake(
     ctl: &mut Conn,
     ours: &Hello,
     ret: &ReturnWriter,
+    session: &mut DestinationSession,
 ) -> Result<Negotiated, LinkError> {
     let mut buf = [0u8; MAX_HELLO_LEN];
-    ctl.read_exact(&mut buf[..HEADER_LEN])
-        .map_err(io_err("reading the source's hello"))?;
+    ctl.set_read_timeout(Some(Duration::from_nanos(
+        session.timeouts().handshake.max(1),
+    )))
+    .map_err(io_err("setting a timeout"))?;
+    let after_ms = session.timeouts().handshake / 1_000_000;
+    let read = ctl.read_exact(&mut buf[..HEADER_LEN]).map_err(|e| {
+        if matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            LinkError::Timeout {
+                what: "waiting for the source's hello",
+                after_ms,
+            }
+        } else {
+            LinkError::Io {
+                what: "reading the source's hello",
+                source: e,
+            }
+        }
+    });
+    if let Err(e) = read {
+        let _ = ret.send(&ReturnRepr::Error {
+            code: wire::ErrorCode::Handshake,
+            detail: 0,
+        });
+        return Err(e);
+    }
     let mut header = [0u8; HEADER_LEN];
     header.copy_from_slice(&buf[..HEADER_LEN]);
     let rest = match Hello::payload_len(&header) {
@@ -522,6 +606,8 @@ pub fn destination_handshake(
     };
     ctl.read_exact(&mut buf[HEADER_LEN..HEADER_LEN + rest])
         .map_err(io_err("reading the source's hello"))?;
+    ctl.set_read_timeout(None)
+        .map_err(io_err("clearing a timeout"))?;
     let theirs = Hello::parse(&buf[..HEADER_LEN + rest]);
     // We serve any number of channels the source opens, up to the wire's
     // limit: take its count as ours.
@@ -535,11 +621,27 @@ pub fn destination_handshake(
         };
         h.negotiate(&ours)
     });
+    let now = crate::migration::monotonic_ns();
     match neg {
+        Ok(neg) if !neg.caps.payload_checksums => {
+            let _ = ret.send(&ReturnRepr::Error {
+                code: wire::ErrorCode::Handshake,
+                detail: 0,
+            });
+            Err(LinkError::ChecksumsRequired)
+        }
         Ok(neg) => {
-            ret.send(&ReturnRepr::Accept)
-                .map_err(io_err("accepting the hello"))?;
-            Ok(neg)
+            let accepted = session.accept_hello(now, neg.caps.channels, neg.caps.postcopy_ram);
+            while let Some(c) = session.poll_transmit() {
+                ret.send(&c.repr()).map_err(io_err("answering the hello"))?;
+            }
+            match accepted {
+                Ok(()) => Ok(neg),
+                Err(_) => Err(LinkError::TooManyChannels {
+                    asked: neg.caps.channels,
+                    limit: session.limits().max_channels,
+                }),
+            }
         }
         Err(e) => {
             let _ = ret.send(&ReturnRepr::Error {

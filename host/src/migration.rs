@@ -75,10 +75,10 @@ pub struct SourceConfig {
     pub floor_bytes: u64,
     /// The longest page run sent as one record.
     pub max_run_pages: u32,
-    /// CRC32 over every payload (torn pages are detected and resent).
-    pub payload_checksums: bool,
-    /// How long to wait for *ready* after the last byte was sent.
-    pub ready_timeout: Duration,
+    /// Every bound on a wait of the protocol: the handshake, *ready* after
+    /// the end of the stream (the guest is paused meanwhile), *started* after
+    /// *go*. See [`ferry_core::session::Timeouts`] for the defaults.
+    pub timeouts: ferry_core::session::Timeouts,
     /// Offer the postcopy-ram capability. RAM still enters postcopy only
     /// when the operator asks, through `postcopy`.
     pub offer_postcopy_ram: bool,
@@ -110,8 +110,7 @@ impl Default for SourceConfig {
             give_up_after: None,
             floor_bytes: 256 * 1024,
             max_run_pages: 64,
-            payload_checksums: true,
-            ready_timeout: Duration::from_secs(10),
+            timeouts: ferry_core::session::Timeouts::DEFAULT,
             offer_postcopy_ram: false,
             offer_postcopy_only_sections: false,
             postcopy: crate::postcopy::PostcopyHandle::new(),
@@ -170,8 +169,11 @@ pub enum Event {
     Paused,
     /// Everything was sent; waiting for the destination's *ready*.
     AwaitingReady,
-    /// *go* was sent: from now on the guest runs on the destination only.
+    /// *go* was sent: the guest is held here, paused, until the destination
+    /// confirms that it started it.
     GoSent,
+    /// The destination confirmed that the guest runs there (*started*).
+    Started,
     /// The migration failed before *ready*, and the guest was resumed here.
     ResumedOnSource,
     /// *go* was sent and the migration is in postcopy: the guest runs on the

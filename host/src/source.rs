@@ -38,7 +38,9 @@ use ferry_core::bitmap::DirtyBitmap;
 use ferry_core::pending::{Pending, Section, Sections};
 use ferry_core::policy::{self, Capabilities as PolicyCaps, Decision, Inputs};
 use ferry_core::rate::{self, RateEstimator, DEFAULT_WINDOW_NS};
-use ferry_core::state::{MigrationState, StateMachine};
+use ferry_core::session::{
+    Custody, SessionError, SourceAction, SourceEvent, SourceSession, Switchover,
+};
 use ferry_core::wire::{
     self, Capabilities, Hello, Negotiated, Repr, ReturnRepr, StreamEncoder, HEADER_LEN,
     MAX_RUN_PAGES, MAX_SECTION_CHUNK,
@@ -109,9 +111,21 @@ pub enum SourceError {
         /// Bandwidth, bytes/s.
         bandwidth: u64,
     },
-    /// The destination did not answer *ready* in time.
-    #[error("the destination did not answer ready within {0:?}")]
-    ReadyTimeout(Duration),
+    /// The protocol ended the migration: a bound on a wait ran out, the
+    /// destination reported an error or broke the protocol, or a limit it
+    /// stated was exceeded. Before *go* the guest was resumed here; after
+    /// *go*, see [`SourceError::GoUnconfirmed`].
+    #[error("the migration failed: {0}; the guest keeps running on the source")]
+    Session(SessionError),
+    /// *go* was sent but the destination never confirmed that the guest
+    /// runs there. The guest stays paused here with all its state; only the
+    /// operator, who can look at the destination, may resume it here or
+    /// discard it.
+    #[error("go was sent but the destination did not confirm that the guest started ({why}); the guest stays paused here with all its state: resume it here only if the destination did not start it, otherwise discard it")]
+    GoUnconfirmed {
+        /// What happened instead of *started*.
+        why: String,
+    },
     /// The policy refused its inputs.
     #[error("the switchover policy refused: {0}")]
     Policy(policy::PolicyError),
@@ -365,6 +379,7 @@ struct Source<'r, 'm> {
     urgent: Option<link::Conn>,
     transport_name: String,
     started: Instant,
+    session: SourceSession,
 }
 
 impl<'r, 'm> Source<'r, 'm> {
@@ -385,13 +400,23 @@ impl<'r, 'm> Source<'r, 'm> {
         let caps = Capabilities {
             postcopy_ram: config.offer_postcopy_ram,
             postcopy_only_sections: config.offer_postcopy_only_sections,
-            payload_checksums: config.payload_checksums,
+            // Always on: only an authenticated transport with its own
+            // integrity check may ever replace them.
+            payload_checksums: true,
             channels: u16::try_from(n_bulk + extra).unwrap_or(u16::MAX),
         };
         let hello = Hello::new(caps, layout);
         let mut ctl_conn = connections.connect(ChannelRole::Control)?;
-        let (neg, ret_dec) =
-            link::source_handshake(&mut ctl_conn, &hello, Duration::from_secs(30))?;
+        let mut session = SourceSession::new(0, config.timeouts, caps.channels);
+        let (neg, ret_dec, accept) = link::source_handshake(
+            &mut ctl_conn,
+            &hello,
+            Duration::from_nanos(config.timeouts.handshake),
+        )?;
+        let now = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        session
+            .handle_return(now, &accept)
+            .map_err(SourceError::Session)?;
         let ret_conn = ctl_conn.try_clone().map_err(|source| LinkError::Io {
             what: "duplicating the control socket",
             source,
@@ -439,7 +464,30 @@ impl<'r, 'm> Source<'r, 'm> {
             urgent,
             transport_name,
             started,
+            session,
         })
+    }
+
+    /// Sends every control record the session queued.
+    fn flush_session(&mut self) -> Result<(), SourceError> {
+        loop {
+            let now = self.elapsed_ns();
+            let Some(c) = self.session.poll_transmit(now) else {
+                return Ok(());
+            };
+            self.send_ctl(c.repr(), &[])?;
+        }
+    }
+
+    /// A session input failed: the error to report.
+    fn session_error(&self, e: SessionError) -> SourceError {
+        if e.custody == Custody::Holds {
+            SourceError::GoUnconfirmed {
+                why: e.failure.to_string(),
+            }
+        } else {
+            SourceError::Session(e)
+        }
     }
 
     fn shutdown(&mut self) {
@@ -482,8 +530,6 @@ impl<'r, 'm> Source<'r, 'm> {
         // Connecting, the handshake and setting up the channels (io_uring
         // rings, guest RAM registered as fixed buffers) happened before this.
         let setup_ns = self.elapsed_ns();
-        let mut state = StateMachine::new();
-        let _ = state.move_to(MigrationState::Active);
         let regions: Vec<RamRegion> = self.ram.regions().to_vec();
         let pages: Vec<u64> = regions.iter().map(|r| r.pages()).collect();
         let mut bitmaps: Vec<Vec<u64>> = pages
@@ -665,7 +711,13 @@ impl<'r, 'm> Source<'r, 'm> {
                 };
 
             // Stop-and-copy (and, with postcopy RAM, the discards).
-            let _ = state.move_to(MigrationState::StopAndCopy);
+            let how = if pc_ram {
+                Switchover::PostcopyRam
+            } else if pc_sections {
+                Switchover::PostcopySections
+            } else {
+                Switchover::StopAndCopy
+            };
             if let Err(source) = guest.pause() {
                 drop(jobs);
                 let _ = join_senders(senders);
@@ -676,6 +728,8 @@ impl<'r, 'm> Source<'r, 'm> {
             }
             let paused_at = monotonic_ns();
             events(&Event::Paused);
+            let pause_now = self.elapsed_ns();
+            let paused = self.session.pause(pause_now, how);
             let mut pc_report = SourcePostcopyReport {
                 mode: if pc_ram {
                     PostcopyMode::Ram
@@ -685,8 +739,10 @@ impl<'r, 'm> Source<'r, 'm> {
                 ..SourcePostcopyReport::default()
             };
             let final_phase = (|| -> Result<(), SourceError> {
+                paused.map_err(SourceError::Session)?;
                 if !pc_ram {
-                    self.send_ctl(Repr::StopAndCopy, &[])?;
+                    // The stop-and-copy marker.
+                    self.flush_session()?;
                 }
                 for (r, words) in bitmaps.iter_mut().enumerate() {
                     tracker.sync(r, words)?;
@@ -707,7 +763,8 @@ impl<'r, 'm> Source<'r, 'm> {
                         })?;
                     }
                     flush_all(&jobs)?;
-                    self.send_ctl(Repr::PostcopyListen, &[])?;
+                    // The postcopy listen marker.
+                    self.flush_session()?;
                 } else {
                     dispatch(
                         Some(&mut *tracker),
@@ -752,6 +809,10 @@ impl<'r, 'm> Source<'r, 'm> {
                     what: "save the device state of",
                     source,
                 })?;
+                let device_bytes: u64 = sections.iter().map(|s| s.bytes.len() as u64).sum();
+                self.session
+                    .check_device_bytes(device_bytes)
+                    .map_err(SourceError::Session)?;
                 for s in &sections {
                     report.device_bytes += s.bytes.len() as u64;
                     report.bytes_sent += self.send_section(s.id, &s.bytes, false)?;
@@ -762,15 +823,20 @@ impl<'r, 'm> Source<'r, 'm> {
                     report.bytes_sent +=
                         self.send_section(SNAPSHOT_BITMAP_SECTION, &words_bytes(snap), false)?;
                 }
-                if pc_sections {
-                    self.send_ctl(Repr::PostcopyListen, &[])?;
-                }
-                self.send_ctl(Repr::End, &[])?;
+                // The postcopy listen marker (postcopy-only sections), then
+                // the end of the stream.
+                let now = self.elapsed_ns();
+                self.session
+                    .finish_stream(now)
+                    .map_err(SourceError::Session)?;
+                self.flush_session()?;
                 events(&Event::AwaitingReady);
                 self.await_ready(&regions, &mut report, pc_ram.then_some(&mut bitmaps[..]))
             });
             if let Err(e) = result {
-                let _ = state.move_to(MigrationState::Failed);
+                // Before go: the session has not handed out go, so the
+                // guest is resumed here.
+                self.session.local_failure(self.elapsed_ns());
                 drop(jobs.take());
                 if let Some(s) = senders.take() {
                     let _ = join_senders(s);
@@ -783,9 +849,10 @@ impl<'r, 'm> Source<'r, 'm> {
                 return Err(e);
             }
 
-            // Go: from here on the guest belongs to the destination.
-            if let Err(e) = self.send_ctl(Repr::Go, &[]) {
-                let _ = state.move_to(MigrationState::Failed);
+            // Go: from the moment the session hands it out, the guest is held
+            // here paused until the destination answers started.
+            if let Err(e) = self.flush_session() {
+                self.session.link_failed(self.elapsed_ns());
                 drop(jobs.take());
                 if let Some(s) = senders.take() {
                     let _ = join_senders(s);
@@ -802,8 +869,20 @@ impl<'r, 'm> Source<'r, 'm> {
             report.go_at_ns = go_at;
             report.source_downtime_ns = go_at.saturating_sub(paused_at);
 
+            // In postcopy the destination's guest may fault before it can
+            // answer started: the request server runs first, and postcopy
+            // awaits started before its end of stream.
+            if !(pc_ram || pc_sections) {
+                if let Err(e) = self.await_started(&mut report) {
+                    drop(jobs.take());
+                    if let Some(s) = senders.take() {
+                        let _ = join_senders(s);
+                    }
+                    return Err(e);
+                }
+                events(&Event::Started);
+            }
             if pc_ram || pc_sections {
-                let _ = state.move_to(MigrationState::PostcopyActive);
                 let pages_left: u64 = bitmaps.iter().map(|b| count_bits(b)).sum();
                 let outcome = self.postcopy(
                     scope,
@@ -819,7 +898,7 @@ impl<'r, 'm> Source<'r, 'm> {
                 );
                 pc_report.postcopy_ns = go_instant.elapsed().as_nanos() as u64;
                 if let Err(e) = outcome {
-                    let _ = state.move_to(MigrationState::PostcopyPaused);
+                    self.session.link_failed(self.elapsed_ns());
                     let e = match e {
                         e @ SourceError::PostcopyInterrupted { .. } => e,
                         e => SourceError::PostcopyInterrupted {
@@ -832,7 +911,14 @@ impl<'r, 'm> Source<'r, 'm> {
                 report.postcopy = Some(pc_report);
                 events(&Event::Completed);
             }
-            let _ = state.move_to(MigrationState::Completed);
+            if !self.session.is_ended() || self.session.custody() != Custody::Released {
+                return Err(SourceError::GoUnconfirmed {
+                    why: format!(
+                        "the protocol stands at {}, not completed",
+                        self.session.phase_name()
+                    ),
+                });
+            }
             let total_ns = self.elapsed_ns();
             report.total_ns = total_ns;
             report.throughput = (u128::from(report.bytes_sent) * 1_000_000_000
@@ -964,32 +1050,38 @@ impl<'r, 'm> Source<'r, 'm> {
                 progress(pages_left);
             }
             self.poll_returns(&mut [], report)?;
+            if !self.session.state().is_postcopy() {
+                self.await_started(report)?;
+            }
+            events(&Event::Started);
             if let Some(snap) = snapshot {
                 let bytes = words_bytes(snap);
                 pc.section_bytes = bytes.len() as u64;
                 report.bytes_sent += self.send_section(SNAPSHOT_BITMAP_SECTION, &bytes, true)?;
             }
-            self.send_ctl(Repr::End, &[])?;
+            let now = self.elapsed_ns();
+            self.session
+                .finish_postcopy(now)
+                .map_err(|e| SourceError::Destination(e.to_string()))?;
+            self.flush_session()?;
             // The destination acknowledges that every page and section
-            // arrived with a second ready; until then this side keeps all.
-            loop {
-                match self.returns.recv() {
-                    Ok(ReturnMsg::Record(ReturnRepr::Ready)) => return Ok(()),
-                    Ok(ReturnMsg::Record(ReturnRepr::Resend { .. })) => {}
-                    Ok(ReturnMsg::Record(ReturnRepr::Error { code, detail })) => {
-                        return Err(SourceError::Destination(format!(
-                            "it reported {code:?} (detail {detail})"
-                        )))
-                    }
-                    Ok(ReturnMsg::Record(other)) => {
-                        return Err(SourceError::Destination(format!(
-                            "unexpected {other:?} in postcopy"
-                        )))
-                    }
-                    Ok(ReturnMsg::Closed(why)) => return Err(SourceError::Destination(why)),
-                    Err(_) => return Err(SourceError::Destination("the return path ended".into())),
+            // arrived with a second ready (bounded); until then this side
+            // keeps all.
+            while !self.session.is_ended() {
+                let r = self.next_return().map_err(|e| match e {
+                    SourceError::GoUnconfirmed { why } => SourceError::Destination(why),
+                    e => e,
+                })?;
+                match r {
+                    // Torn pages in postcopy come back through faults.
+                    ReturnRepr::Resend { .. } => {}
+                    r => self.apply_return(r, &mut [], report).map_err(|e| match e {
+                        SourceError::GoUnconfirmed { why } => SourceError::Destination(why),
+                        e => e,
+                    })?,
                 }
             }
+            Ok(())
         })();
         if let Some(u) = &self.urgent {
             u.shutdown();
@@ -1018,7 +1110,10 @@ impl<'r, 'm> Source<'r, 'm> {
         loop {
             match self.returns.try_recv() {
                 Ok(ReturnMsg::Record(r)) => self.apply_return(r, bitmaps, report)?,
-                Ok(ReturnMsg::Closed(why)) => return Err(SourceError::Destination(why)),
+                Ok(ReturnMsg::Closed(why)) => {
+                    self.session.link_failed(self.elapsed_ns());
+                    return Err(SourceError::Destination(why));
+                }
                 Err(mpsc::TryRecvError::Empty) => return Ok(()),
                 Err(mpsc::TryRecvError::Disconnected) => {
                     return Err(SourceError::Destination("the return path ended".into()))
@@ -1033,8 +1128,14 @@ impl<'r, 'm> Source<'r, 'm> {
         bitmaps: &mut [Vec<u64>],
         report: &mut SourceReport,
     ) -> Result<(), SourceError> {
-        match r {
-            ReturnRepr::Resend {
+        let now = self.elapsed_ns();
+        let action = self
+            .session
+            .handle_return(now, &r)
+            .map_err(|e| self.session_error(e))?;
+        match action {
+            SourceAction::None => Ok(()),
+            SourceAction::Resend {
                 region,
                 first,
                 count,
@@ -1054,18 +1155,81 @@ impl<'r, 'm> Source<'r, 'm> {
                 report.pages_resent += u64::from(count);
                 Ok(())
             }
-            ReturnRepr::Error { code, detail } => Err(SourceError::Destination(format!(
-                "it reported {code:?} (detail {detail})"
-            ))),
-            ReturnRepr::PageRequest { .. } => {
-                Err(SourceError::Unsupported("postcopy page requests"))
+            // Page requests travel on the urgent connection, never here.
+            SourceAction::PageRequest { .. } => {
+                Err(SourceError::Unsupported("page requests on the return path"))
             }
-            ReturnRepr::Ready => Err(SourceError::Destination(
-                "it said ready before the stream ended".into(),
-            )),
-            ReturnRepr::Accept => Err(SourceError::Destination(
-                "it accepted a second hello".into(),
-            )),
+        }
+    }
+
+    /// The next return-path message, waiting at most until the session's
+    /// deadline; a deadline that passed fails the session.
+    fn next_return(&mut self) -> Result<ReturnRepr, SourceError> {
+        loop {
+            // What already arrived counts before any deadline is checked.
+            let queued = match self.returns.try_recv() {
+                Ok(m) => Some(m),
+                Err(mpsc::TryRecvError::Empty) => None,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    Some(ReturnMsg::Closed("the return path ended".to_string()))
+                }
+            };
+            let now = self.elapsed_ns();
+            if queued.is_none() {
+                self.session.handle_timeout(now);
+                if let Some(e) = self.session.failure() {
+                    return Err(self.session_error(e));
+                }
+            }
+            let left = self
+                .session
+                .poll_timeout()
+                .map(|d| Duration::from_nanos(d.saturating_sub(now)))
+                .unwrap_or(Duration::from_secs(1))
+                .min(Duration::from_secs(1));
+            let msg = match queued {
+                Some(m) => Ok(m),
+                None => self.returns.recv_timeout(left),
+            };
+            match msg {
+                Ok(ReturnMsg::Record(r)) => return Ok(r),
+                Err(RecvTimeoutError::Timeout) => continue,
+                Ok(ReturnMsg::Closed(why)) => {
+                    self.session.link_failed(self.elapsed_ns());
+                    return Err(match self.session.custody() {
+                        Custody::Holds => SourceError::GoUnconfirmed { why },
+                        _ => SourceError::Destination(why),
+                    });
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.session.link_failed(self.elapsed_ns());
+                    let why = "the return path ended".to_string();
+                    return Err(match self.session.custody() {
+                        Custody::Holds => SourceError::GoUnconfirmed { why },
+                        _ => SourceError::Destination(why),
+                    });
+                }
+            }
+        }
+    }
+
+    /// After *go*: waits (bounded) for *started*. Postcopy RAM's resends are
+    /// folded in later by the background stream; nothing else may come.
+    fn await_started(&mut self, report: &mut SourceReport) -> Result<(), SourceError> {
+        loop {
+            let r = self.next_return()?;
+            let started = r == ReturnRepr::Started;
+            self.apply_return(r, &mut [], report).or_else(|e| match e {
+                // A resend for a region the empty bitmaps do not cover:
+                // postcopy RAM asks again through its faults.
+                SourceError::Destination(_) if !started => Ok(()),
+                e => Err(e),
+            })?;
+            while let Some(ev) = self.session.poll_event() {
+                if ev == SourceEvent::Started {
+                    return Ok(());
+                }
+            }
         }
     }
 
@@ -1080,32 +1244,28 @@ impl<'r, 'm> Source<'r, 'm> {
         report: &mut SourceReport,
         mut fold: Option<&mut [Vec<u64>]>,
     ) -> Result<(), SourceError> {
-        let deadline = Instant::now() + self.config.ready_timeout;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let msg = match self.returns.recv_timeout(left) {
-                Ok(m) => m,
-                Err(RecvTimeoutError::Timeout) => {
-                    return Err(SourceError::ReadyTimeout(self.config.ready_timeout))
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(SourceError::Destination(
-                        "the return path ended before ready".into(),
-                    ))
-                }
-            };
+            let msg = self.next_return()?;
             match msg {
-                ReturnMsg::Record(ReturnRepr::Ready) => return Ok(()),
-                ReturnMsg::Record(r @ ReturnRepr::Resend { .. }) if fold.is_some() => {
+                ReturnRepr::Ready => {
+                    let mut ignore = Vec::new();
+                    self.apply_return(msg, &mut ignore, report)?;
+                    return Ok(());
+                }
+                r @ ReturnRepr::Resend { .. } if fold.is_some() => {
                     if let Some(b) = fold.as_deref_mut() {
                         self.apply_return(r, b, report)?;
                     }
                 }
-                ReturnMsg::Record(ReturnRepr::Resend {
+                ReturnRepr::Resend {
                     region,
                     first,
                     count,
-                }) => {
+                } => {
+                    // The session checks the resend is allowed now.
+                    self.session
+                        .handle_return(self.elapsed_ns(), &msg)
+                        .map_err(|e| self.session_error(e))?;
                     let r = regions.get(usize::from(region)).ok_or_else(|| {
                         SourceError::Destination(format!(
                             "asked to resend pages of unknown region {region}"
@@ -1146,11 +1306,10 @@ impl<'r, 'm> Source<'r, 'm> {
                         })?;
                     report.pages_resent += u64::from(count);
                 }
-                ReturnMsg::Record(other) => {
+                other => {
                     let mut ignore = Vec::new();
                     self.apply_return(other, &mut ignore, report)?;
                 }
-                ReturnMsg::Closed(why) => return Err(SourceError::Destination(why)),
             }
         }
     }

@@ -369,7 +369,16 @@ fn destination_lost_mid_precopy_leaves_the_source_running() {
                 layout,
             );
             let ret = ferry_host::link::ReturnWriter::new(ctl.try_clone().expect("clone"));
-            ferry_host::link::destination_handshake(&mut ctl, &ours, &ret).expect("handshake");
+            let mut session = ferry_core::session::DestinationSession::new(
+                0,
+                ferry_core::session::Timeouts::DEFAULT,
+                ferry_core::session::Limits {
+                    max_channels: 4,
+                    max_device_bytes: 1 << 20,
+                },
+            );
+            ferry_host::link::destination_handshake(&mut ctl, &ours, &ret, &mut session)
+                .expect("handshake");
             let mut bulk = listener.accept().expect("accept bulk");
             let mut buf = vec![0u8; 1 << 20];
             let mut got = 0;
@@ -494,7 +503,7 @@ fn a_page_still_torn_at_the_end_is_asked_for_again_before_ready() {
             channels: 2,
         };
         let mut ctl_conn = link::connect(&endpoint).expect("connect");
-        let (neg, mut ret_dec) = link::source_handshake(
+        let (neg, mut ret_dec, _accept) = link::source_handshake(
             &mut ctl_conn,
             &Hello::new(caps, layout),
             Duration::from_secs(10),
@@ -511,6 +520,29 @@ fn a_page_still_torn_at_the_end_is_asked_for_again_before_ready() {
         .expect("bulk channel");
         let (mut ctl_enc, mut bulk_enc) = (StreamEncoder::new(&neg), StreamEncoder::new(&neg));
         let mut h = [0u8; HEADER_LEN];
+        // Every other page as zero runs: ready needs the whole layout.
+        let pages = src_ram.regions()[0].pages();
+        let mut first = 0;
+        while first < pages {
+            let count = (pages - first).min(1024) as u32;
+            bulk_enc
+                .encode_with_crc(
+                    &Repr::ZeroRun {
+                        region: 0,
+                        first,
+                        count,
+                    },
+                    0,
+                    &mut h,
+                )
+                .expect("encode");
+            bulk.send(&[OutRecord {
+                header: h,
+                payload: Payload::None,
+            }])
+            .expect("zero run");
+            first += u64::from(count);
+        }
         // The page, with a checksum that does not match what arrives: torn.
         let run = Repr::PageRun {
             region: 0,
@@ -540,6 +572,14 @@ fn a_page_still_torn_at_the_end_is_asked_for_again_before_ready() {
         .and_then(|_| bulk.flush())
         .expect("end bulk");
         let state = b"device".to_vec();
+        ctl_enc
+            .encode(&Repr::StopAndCopy, &[], &mut h)
+            .expect("encode");
+        ctl.send(&[OutRecord {
+            header: h,
+            payload: Payload::None,
+        }])
+        .expect("stop-and-copy");
         ctl_enc
             .encode(
                 &Repr::Section {

@@ -15,6 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use ferry_cli::kvm_guest::{self, IncomingGuest, SourceGuest};
+use ferry_cli::operator::{self, Outcome};
 use ferry_cli::vmm::{VerifyReport, Vm, VmConfig};
 use ferry_host::destination;
 use ferry_host::link::{Endpoint, Listener};
@@ -249,6 +250,9 @@ fn vm_config(g: &GuestArgs, dirty_rate: u64) -> VmConfig {
 #[derive(Debug, Serialize, serde::Deserialize, Default)]
 struct DestinationSummary {
     ok: bool,
+    /// How it ended, as the exit status tells it.
+    #[serde(default)]
+    outcome: String,
     error: Option<String>,
     go_received: bool,
     bytes_received: u64,
@@ -282,6 +286,9 @@ fn receive_line(line: &str) -> Option<(String, serde_json::Value)> {
 #[derive(Debug, Serialize)]
 struct DemoReport {
     ok: bool,
+    /// How it ended, as the exit status tells it (`done`, `runs-on-source`,
+    /// `held`, `failed-after-go`, `error`).
+    outcome: &'static str,
     error: Option<String>,
     guest_mem_bytes: u64,
     vcpus: u32,
@@ -451,7 +458,10 @@ fn run_source(
             }
             Event::Paused => pb.set_message("guest paused: stop-and-copy"),
             Event::AwaitingReady => pb.set_message("waiting for the destination's ready"),
-            Event::GoSent => pb.set_message("go sent: the guest runs on the destination"),
+            Event::GoSent => {
+                pb.set_message("go sent: waiting for the destination to start the guest")
+            }
+            Event::Started => pb.set_message("the destination started the guest"),
             Event::ResumedOnSource => note(
                 pb,
                 json,
@@ -584,7 +594,16 @@ fn demo(a: DemoArgs) -> Result<ExitCode, BoxError> {
             .filter(|(kind, _)| kind == "report")
             .and_then(|(_, v)| serde_json::from_value(v).ok())
     });
-    let _ = child.wait();
+    // The destination exits once it reported, unless it holds a guest (a
+    // postcopy cut off): the demo owns both sides, so it ends it then.
+    let waited = Instant::now();
+    while matches!(child.try_wait(), Ok(None)) && waited.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if matches!(child.try_wait(), Ok(None)) {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 
     let (source, error) = match &result {
         Ok(r) => (r.clone(), None),
@@ -600,8 +619,14 @@ fn demo(a: DemoArgs) -> Result<ExitCode, BoxError> {
     let verified = dest
         .as_ref()
         .is_some_and(|d| d.ok && d.verify_mismatches == 0 && d.verify_pages_checked > 0);
+    let outcome = match &result {
+        Ok(_) if verified => Outcome::Done,
+        Ok(_) => Outcome::FailedAfterGo,
+        Err(e) => failure_outcome(&vm, e),
+    };
     let report = DemoReport {
         ok: result.is_ok() && verified,
+        outcome: outcome.name(),
         error: error.or_else(|| dest.as_ref().and_then(|d| d.error.clone())),
         guest_mem_bytes: a.guest.mem,
         vcpus: a.guest.vcpus,
@@ -615,11 +640,18 @@ fn demo(a: DemoArgs) -> Result<ExitCode, BoxError> {
         source_guest_after_failure: source_check,
     };
     print_report(&report, a.migrate.json)?;
-    Ok(if report.ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(outcome.into())
+}
+
+/// Where a failed migration left the guest, from the source's error.
+fn failure_outcome(vm: &Vm, e: &source::SourceError) -> Outcome {
+    use source::SourceError as E;
+    match e {
+        E::GoUnconfirmed { .. } | E::AfterGo(_) => Outcome::Held,
+        E::PostcopyInterrupted { .. } => Outcome::FailedAfterGo,
+        _ if vm.is_paused() => Outcome::Held,
+        _ => Outcome::RunsOnSource,
+    }
 }
 
 fn print_report(r: &DemoReport, json: bool) -> Result<(), BoxError> {
@@ -748,9 +780,24 @@ fn send(a: SendArgs) -> Result<ExitCode, BoxError> {
         Ok(r) => (r.clone(), None),
         Err(e) => (SourceReport::default(), Some(e.to_string())),
     };
-    let source_check = check_source_guest(&vm, result.is_err());
+    let outcome = match &result {
+        Ok(_) => Outcome::Done,
+        Err(e) => failure_outcome(&vm, e),
+    };
+    let holds = matches!(
+        &result,
+        Err(source::SourceError::GoUnconfirmed { .. }
+            | source::SourceError::AfterGo(_)
+            | source::SourceError::PostcopyInterrupted { .. })
+    ) || (result.is_err() && vm.is_paused());
+    let source_check = check_source_guest(&vm, result.is_err() && !holds);
     let report = DemoReport {
         ok: result.is_ok(),
+        outcome: if holds {
+            Outcome::Held.name()
+        } else {
+            outcome.name()
+        },
         error,
         guest_mem_bytes: a.guest.mem,
         vcpus: a.guest.vcpus,
@@ -767,11 +814,35 @@ fn send(a: SendArgs) -> Result<ExitCode, BoxError> {
         source_guest_after_failure: source_check,
     };
     print_report(&report, a.migrate.json)?;
-    Ok(if report.ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    if holds {
+        // Never exit while holding the guest: exiting would destroy it.
+        let postcopy = matches!(
+            &result,
+            Err(source::SourceError::PostcopyInterrupted { .. })
+        );
+        let what = match &result {
+            Err(e) => e.to_string(),
+            Ok(_) => String::new(),
+        };
+        match operator::hold(&what, !postcopy) {
+            operator::Decision::Resume => {
+                vm.resume()?;
+                match check_source_guest(&vm, true) {
+                    Some(c) => eprintln!(
+                        "ferry: the guest runs here again and checked {} pages: {} mismatches",
+                        c.pages_checked, c.mismatches
+                    ),
+                    None => eprintln!("ferry: the guest runs here again"),
+                }
+                return Ok(Outcome::RunsOnSource.into());
+            }
+            operator::Decision::Discard => {
+                eprintln!("ferry: the guest held here is discarded");
+                return Ok(Outcome::Held.into());
+            }
+        }
+    }
+    Ok(outcome.into())
 }
 
 fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
@@ -830,7 +901,7 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
         destination::receive_in_place(&listener, &ram, &second, &mut starter, &config)
     };
     let mut summary = DestinationSummary::default();
-    let mut postcopy_stuck = false;
+    let mut postcopy_stuck = None;
     let code = match result {
         Ok(r) => {
             fill_summary(&mut summary, &r);
@@ -858,9 +929,9 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
                 }
             }
             if summary.ok && summary.verify_mismatches == 0 {
-                ExitCode::SUCCESS
+                Outcome::Done
             } else {
-                ExitCode::FAILURE
+                Outcome::FailedAfterGo
             }
         }
         Err(e) => {
@@ -869,13 +940,20 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
             if let Some(hold) = e.postcopy_hold {
                 // Postcopy lost its connection: the guest's vCPUs wait on
                 // their faults. Keep the userfaultfd open (closing it would
-                // let them run on zero pages) and leave without tearing the
-                // VM down.
-                postcopy_stuck = true;
-                std::mem::forget(hold);
+                // let them run on zero pages) until the operator decides.
+                postcopy_stuck = Some(hold);
             }
-            ExitCode::FAILURE
+            if e.go_received {
+                Outcome::FailedAfterGo
+            } else {
+                Outcome::RunsOnSource
+            }
         }
+    };
+    summary.outcome = if postcopy_stuck.is_some() {
+        Outcome::Held.name().to_string()
+    } else {
+        code.name().to_string()
     };
     let mut out = std::io::stdout().lock();
     if a.json {
@@ -901,12 +979,20 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
             )?;
         }
     }
-    if postcopy_stuck {
-        drop(out);
-        let _ = std::io::stdout().flush();
-        std::process::exit(1);
+    drop(out);
+    let _ = std::io::stdout().flush();
+    if let Some(hold) = postcopy_stuck {
+        // The guest runs here with pages missing: never exit on our own.
+        let what = format!(
+            "postcopy was cut off with {} pages missing; the guest's vCPUs wait for them here",
+            hold.missing_pages
+        );
+        let _ = operator::hold(&what, false);
+        eprintln!("ferry: the guest held here is discarded");
+        drop(hold);
+        return Ok(Outcome::Held.into());
     }
-    Ok(code)
+    Ok(code.into())
 }
 
 fn fill_summary(s: &mut DestinationSummary, r: &DestinationReport) {

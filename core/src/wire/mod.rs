@@ -31,7 +31,8 @@
 //! | 0x82 | resend request (return path) | region | pages | first page | none |
 //! | 0x83 | ready (return path) | 0 | 0 | 0 | none |
 //! | 0x84 | error (return path) | [`ErrorCode`] | 0 | detail | none |
-//! | 0x85 | hello accepted (return path) | 0 | 0 | 0 | none |
+//! | 0x85 | hello accepted (return path) | max channels | 0 | max device-state bytes | none |
+//! | 0x86 | started (return path: the guest runs after *go*) | 0 | 0 | 0 | none |
 //!
 //! The module follows smoltcp's `wire` style:
 //!

@@ -25,8 +25,10 @@ pub enum ReturnKind {
     Ready = 0x83,
     /// The destination failed, with a reason code.
     Error = 0x84,
-    /// The destination accepted the hello.
+    /// The destination accepted the hello, stating its limits.
     Accept = 0x85,
+    /// The destination started the guest after *go*.
+    Started = 0x86,
 }
 
 impl ReturnKind {
@@ -38,6 +40,7 @@ impl ReturnKind {
             0x83 => ReturnKind::Ready,
             0x84 => ReturnKind::Error,
             0x85 => ReturnKind::Accept,
+            0x86 => ReturnKind::Started,
             _ => return None,
         })
     }
@@ -124,8 +127,17 @@ pub enum ReturnRepr {
         /// Detail, such as a stream offset or region index (in the `first` field).
         detail: u64,
     },
-    /// The hello was accepted.
-    Accept,
+    /// The hello was accepted. The destination states what it takes: at most
+    /// `max_channels` channels (in the `id` field) and `max_device_bytes` bytes
+    /// of device state, every section together (in the `first` field).
+    Accept {
+        /// Channels served, the control channel included.
+        max_channels: u16,
+        /// Bytes of device state taken, every section together.
+        max_device_bytes: u64,
+    },
+    /// The guest runs on the destination: the answer to *go*.
+    Started,
 }
 
 /// A validated return-path record.
@@ -145,7 +157,8 @@ impl ReturnRepr {
             ReturnRepr::Resend { .. } => ReturnKind::Resend,
             ReturnRepr::Ready => ReturnKind::Ready,
             ReturnRepr::Error { .. } => ReturnKind::Error,
-            ReturnRepr::Accept => ReturnKind::Accept,
+            ReturnRepr::Accept { .. } => ReturnKind::Accept,
+            ReturnRepr::Started => ReturnKind::Started,
         }
     }
 
@@ -184,7 +197,10 @@ impl ReturnRepr {
                     }),
                 }
             }
-            ReturnRepr::Ready | ReturnRepr::Error { .. } | ReturnRepr::Accept => Ok(()),
+            ReturnRepr::Ready
+            | ReturnRepr::Error { .. }
+            | ReturnRepr::Accept { .. }
+            | ReturnRepr::Started => Ok(()),
         }
     }
 
@@ -238,14 +254,21 @@ impl ReturnRepr {
                     detail: first,
                 }
             }
-            ReturnKind::Ready | ReturnKind::Accept => {
+            ReturnKind::Accept => {
+                zero(count.into(), Field::Count)?;
+                ReturnRepr::Accept {
+                    max_channels: id,
+                    max_device_bytes: first,
+                }
+            }
+            ReturnKind::Ready | ReturnKind::Started => {
                 zero(id.into(), Field::Id)?;
                 zero(count.into(), Field::Count)?;
                 zero(first, Field::First)?;
                 if kind == ReturnKind::Ready {
                     ReturnRepr::Ready
                 } else {
-                    ReturnRepr::Accept
+                    ReturnRepr::Started
                 }
             }
         };
@@ -270,7 +293,11 @@ impl ReturnRepr {
                 count,
             } => (region, count, first),
             ReturnRepr::Error { code, detail } => (code as u16, 0, detail),
-            ReturnRepr::Ready | ReturnRepr::Accept => (0, 0, 0),
+            ReturnRepr::Accept {
+                max_channels,
+                max_device_bytes,
+            } => (max_channels, 0, max_device_bytes),
+            ReturnRepr::Ready | ReturnRepr::Started => (0, 0, 0),
         };
         let mut h = RecordHeader {
             kind: self.kind() as u8,

@@ -1,0 +1,345 @@
+//! The handover against fake peers over real loopback sockets: a destination
+//! that answers *ready* and vanishes, one that stalls at stop-and-copy, and
+//! sources that fall silent at each of the destination's waits. Each case
+//! checks where the guest ends up and that every wait ends within its bound.
+
+mod common;
+use common::{fill, memory, tracker_for, Writer};
+
+use std::io::{Read, Write};
+use std::sync::atomic::Ordering;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ferry_core::session::{DestinationSession, Failure, Limits, Timeouts, Wait};
+use ferry_core::wire::{Capabilities, Hello, Negotiated, Repr};
+use ferry_host::destination::{self, DestinationConfig, DestinationErrorKind};
+use ferry_host::link::{self, Conn, Listener, ReturnWriter, WireDecoder};
+use ferry_host::migration::{CallbackError, DeviceSection, GuestStarter, SourceConfig};
+use ferry_host::ram::Ram;
+use ferry_host::source::{self, SourceError, SourceLink};
+use ferry_uring::{RecvStrategy, Transport};
+
+const MIB: u64 = 1 << 20;
+
+fn short_timeouts() -> Timeouts {
+    Timeouts {
+        handshake: 2_000_000_000,
+        idle: 1_500_000_000,
+        ready: 1_500_000_000,
+        go: 1_500_000_000,
+        started: 1_500_000_000,
+        resend: 1_500_000_000,
+    }
+}
+
+/// What a fake destination does once the source's end of stream arrived.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AfterEnd {
+    /// Answers ready, reads go, then closes without answering started.
+    ReadyThenVanish,
+    /// Never answers, keeps the connection open and reads nothing more.
+    Stall,
+}
+
+/// A fake destination: a real handshake, then it reads the control channel
+/// record by record (and drains the bulk channel) until the end of stream.
+fn fake_destination(listener: &Listener, ram: &Ram<'_>, after: AfterEnd) -> Option<Repr> {
+    let mut ctl = listener.accept().expect("accept");
+    let ours = Hello::new(
+        Capabilities {
+            postcopy_ram: false,
+            postcopy_only_sections: false,
+            payload_checksums: true,
+            channels: 2,
+        },
+        ram.layout().expect("layout"),
+    );
+    let ret = ReturnWriter::new(ctl.try_clone().expect("clone"));
+    let mut session = DestinationSession::new(
+        0,
+        Timeouts::DEFAULT,
+        Limits {
+            max_channels: 4,
+            max_device_bytes: 64 * MIB,
+        },
+    );
+    let neg: Negotiated =
+        link::destination_handshake(&mut ctl, &ours, &ret, &mut session).expect("handshake");
+    let mut bulk = listener.accept().expect("accept bulk");
+    let drain = thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 20];
+        while matches!(bulk.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let mut dec = WireDecoder::buffered(neg, 4 * MIB as usize);
+    let mut buf = vec![0u8; 4 * MIB as usize];
+    loop {
+        let Ok(Some((rec, _))) = link::read_stream_record(&mut ctl, &mut dec, &mut buf) else {
+            return None;
+        };
+        if rec.repr == Repr::End {
+            break;
+        }
+    }
+    let last = match after {
+        AfterEnd::ReadyThenVanish => {
+            ret.send(&ferry_core::wire::ReturnRepr::Ready)
+                .expect("ready");
+            let got = link::read_stream_record(&mut ctl, &mut dec, &mut buf)
+                .ok()
+                .flatten()
+                .map(|(r, _)| r.repr);
+            ctl.shutdown();
+            got
+        }
+        AfterEnd::Stall => {
+            // Hold the socket open, silent, well past the source's bound.
+            thread::sleep(Duration::from_secs(4));
+            None
+        }
+    };
+    drop(drain);
+    last
+}
+
+fn run_against(
+    after: AfterEnd,
+) -> (
+    Result<ferry_host::migration::SourceReport, SourceError>,
+    Option<Repr>,
+    (u64, u64),
+    Duration,
+) {
+    let src_mem = memory(32 * MIB);
+    fill(&src_mem);
+    let listener = Listener::bind(&"127.0.0.1:0".parse().expect("endpoint")).expect("bind");
+    let endpoint = listener.local_endpoint().expect("endpoint");
+    let src_ram = Ram::from_memory(&src_mem);
+    let mut tracker = tracker_for(&src_mem);
+    let mut writer = Writer::start(src_mem.regions()[0].host_ptr() as usize, 256, 4);
+    writer.sections.push(DeviceSection {
+        id: 1,
+        bytes: vec![7; 4096],
+    });
+    let config = SourceConfig {
+        timeouts: short_timeouts(),
+        ..SourceConfig::default()
+    };
+    let (result, last, took) = thread::scope(|s| {
+        let fake = s.spawn(|| fake_destination(&listener, &src_ram, after));
+        let link = SourceLink {
+            endpoint,
+            transport: Transport::Std(RecvStrategy::Direct),
+            bulk_channels: 1,
+        };
+        let t = Instant::now();
+        let r = source::migrate(
+            &src_ram,
+            &mut tracker,
+            &mut writer,
+            &config,
+            &link,
+            &mut |_| {},
+        );
+        let took = t.elapsed();
+        (r, fake.join().expect("fake destination"), took)
+    });
+    let counts = (
+        writer.pauses.load(Ordering::Relaxed),
+        writer.resumes.load(Ordering::Relaxed),
+    );
+    // The writer stops (dropped) before its memory is unmapped.
+    drop(writer);
+    (result, last, counts, took)
+}
+
+#[test]
+fn a_destination_that_answers_ready_and_vanishes_leaves_the_guest_held() {
+    let (result, last, (pauses, resumes), took) = run_against(AfterEnd::ReadyThenVanish);
+    assert_eq!(last, Some(Repr::Go), "the fake destination received go");
+    let err = result.expect_err("never a success without started");
+    eprintln!("source: {err}");
+    assert!(
+        matches!(err, SourceError::GoUnconfirmed { .. }),
+        "go sent, not confirmed: {err:?}"
+    );
+    assert_eq!(pauses, 1, "paused once");
+    assert_eq!(resumes, 0, "never resumed on its own after go");
+    assert!(
+        took < Duration::from_secs(10),
+        "ended within its bound: {took:?}"
+    );
+}
+
+#[test]
+fn a_stall_at_stop_and_copy_resumes_the_guest_within_the_ready_bound() {
+    let (result, _, (pauses, resumes), took) = run_against(AfterEnd::Stall);
+    let err = result.expect_err("no ready");
+    eprintln!("source: {err}");
+    match &err {
+        SourceError::Session(e) => assert_eq!(
+            e.failure,
+            Failure::Timeout {
+                wait: Wait::Ready,
+                after_ns: short_timeouts().ready
+            }
+        ),
+        other => panic!("expected the ready bound to fire, got {other:?}"),
+    }
+    assert_eq!(pauses, 1);
+    assert_eq!(resumes, 1, "resumed here");
+    // The bound (1.5 s) plus the precopy of 32 MiB, far below the fake's 4 s stall.
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+}
+
+#[derive(Default)]
+struct Starter(u32);
+
+impl GuestStarter for Starter {
+    fn start(&mut self, _: &[DeviceSection]) -> Result<(), CallbackError> {
+        self.0 += 1;
+        Ok(())
+    }
+}
+
+/// Runs a real destination against `peer`, which plays the source.
+fn destination_against(
+    peer: impl FnOnce(link::Endpoint) + Send,
+) -> (
+    Result<ferry_host::migration::DestinationReport, destination::DestinationError>,
+    u32,
+    Duration,
+) {
+    let dst_mem = memory(8 * MIB);
+    let listener = Listener::bind(&"127.0.0.1:0".parse().expect("endpoint")).expect("bind");
+    let endpoint = listener.local_endpoint().expect("endpoint");
+    let dst_ram = Ram::from_memory(&dst_mem);
+    let config = DestinationConfig {
+        timeouts: short_timeouts(),
+        ..DestinationConfig::new(Transport::Std(RecvStrategy::Direct))
+    };
+    let mut starter = Starter::default();
+    let (r, took) = thread::scope(|s| {
+        s.spawn(move || peer(endpoint));
+        let t = Instant::now();
+        let r = destination::receive_with(&listener, &dst_ram, &mut starter, &config);
+        (r, t.elapsed())
+    });
+    (r, starter.0, took)
+}
+
+fn hello_for(mem: u64, channels: u16) -> Vec<u8> {
+    let m = memory(mem);
+    let ram = Ram::from_memory(&m);
+    let hello = Hello::new(
+        Capabilities {
+            postcopy_ram: false,
+            postcopy_only_sections: false,
+            payload_checksums: true,
+            channels,
+        },
+        ram.layout().expect("layout"),
+    );
+    let mut buf = vec![0u8; ferry_core::wire::MAX_HELLO_LEN];
+    let n = hello.emit(&mut buf).expect("emit");
+    buf.truncate(n);
+    buf
+}
+
+#[test]
+fn a_silent_peer_at_the_hello_gets_a_clear_error_in_time() {
+    let (r, started, took) = destination_against(|ep| {
+        let c = link::connect(&ep).expect("connect");
+        thread::sleep(Duration::from_secs(4));
+        drop(c);
+    });
+    let e = r.expect_err("no hello");
+    eprintln!("destination: {e}");
+    assert!(!e.go_received);
+    assert_eq!(started, 0);
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+}
+
+#[test]
+fn a_source_silent_after_the_handshake_times_out_idle() {
+    let (r, started, took) = destination_against(|ep| {
+        let mut c = link::connect(&ep).expect("connect");
+        c.write_all(&hello_for(8 * MIB, 2)).expect("hello");
+        let _bulk = link::connect(&ep).expect("bulk");
+        thread::sleep(Duration::from_secs(5));
+        drop(c);
+    });
+    let e = r.expect_err("silence");
+    eprintln!("destination: {e}");
+    match &e.kind {
+        DestinationErrorKind::Session(s) => assert_eq!(
+            s.failure,
+            Failure::Timeout {
+                wait: Wait::Idle,
+                after_ns: short_timeouts().idle
+            }
+        ),
+        other => panic!("expected the idle bound, got {other:?}"),
+    }
+    assert!(!e.go_received);
+    assert_eq!(started, 0);
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+}
+
+#[test]
+fn too_many_channels_are_refused_at_the_hello() {
+    let (r, started, _) = destination_against(|ep| {
+        let mut c: Conn = link::connect(&ep).expect("connect");
+        c.write_all(&hello_for(8 * MIB, 40)).expect("hello");
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest);
+    });
+    let e = r.expect_err("refused");
+    eprintln!("destination: {e}");
+    assert!(
+        e.to_string().contains("more than the 16 this side serves"),
+        "{e}"
+    );
+    assert_eq!(started, 0);
+}
+
+#[test]
+fn ready_is_refused_with_pages_missing() {
+    // A source that sends the markers and the end of the stream but no page.
+    let (r, started, _) = destination_against(|ep| {
+        let mut c = link::connect(&ep).expect("connect");
+        c.write_all(&hello_for(8 * MIB, 2)).expect("hello");
+        let mut bulk = link::connect(&ep).expect("bulk");
+        let m = memory(8 * MIB);
+        let neg = Negotiated::new(
+            Ram::from_memory(&m).layout().expect("layout"),
+            Capabilities {
+                postcopy_ram: false,
+                postcopy_only_sections: false,
+                payload_checksums: true,
+                channels: 2,
+            },
+        );
+        let (mut ctl_enc, mut bulk_enc) = (
+            ferry_core::wire::StreamEncoder::new(&neg),
+            ferry_core::wire::StreamEncoder::new(&neg),
+        );
+        let mut h = [0u8; ferry_core::wire::HEADER_LEN];
+        bulk_enc.encode(&Repr::End, &[], &mut h).expect("encode");
+        bulk.write_all(&h).expect("bulk end");
+        for r in [Repr::StopAndCopy, Repr::End] {
+            ctl_enc.encode(&r, &[], &mut h).expect("encode");
+            c.write_all(&h).expect("record");
+        }
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest);
+    });
+    let e = r.expect_err("pages missing");
+    eprintln!("destination: {e}");
+    match &e.kind {
+        DestinationErrorKind::Session(s) => assert_eq!(s.failure, Failure::Incomplete),
+        other => panic!("expected an incomplete stream, got {other:?}"),
+    }
+    assert_eq!(started, 0, "never started");
+    assert!(!e.go_received);
+}
