@@ -26,7 +26,9 @@ pub mod ram;
 pub mod source;
 mod uffd_abi;
 
-/// The README's code examples, compiled as doctests so they stay true.
-#[cfg(doctest)]
+/// The README's code examples, compiled as doctests so they stay true. They embed Ferry
+/// in a KVM hypervisor on vm-memory, so they need the `kvm` and `vm-memory` features
+/// (`cargo test --workspace` has them: `ferry-embed-example` turns them on).
+#[cfg(all(doctest, feature = "kvm", feature = "vm-memory"))]
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;

@@ -9,6 +9,10 @@
 //! - [`UffdWpTracker`]: userfaultfd write-protect over plain process memory, so Ferry can move
 //!   a memory region of an ordinary process and the host logic is testable without KVM.
 //!
+//! [`WithVmmWrites`] wraps either (or any tracker) and adds the pages the VMM wrote itself
+//! through its own mapping, which it records in a [`VmmWrites`] (or, with the `vm-memory`
+//! feature, which vm-memory's dirty bitmaps record): see [`vmm_writes`].
+//!
 //! # Geometry
 //!
 //! Every region is tracked in pages of [`PAGE_SIZE`] bytes, numbered from 0 at the start of
@@ -44,17 +48,21 @@
 //! Writes made by the kernel on behalf of the process through pinned pages (for example
 //! io_uring receiving into registered buffers), and for KVM writes made by the VMM itself
 //! through its own mapping, are not seen by the hardware or fault path the back ends rely
-//! on; whoever makes such writes must report them.
+//! on; whoever makes such writes must report them, which [`WithVmmWrites`] is for.
 
 #[cfg(feature = "kvm")]
 pub mod kvm;
 #[cfg(feature = "uffd-wp")]
 pub mod uffd_wp;
+#[cfg(feature = "vm-memory")]
+mod vm_bitmap;
+pub mod vmm_writes;
 
 #[cfg(feature = "kvm")]
 pub use kvm::{KvmDirtyTracker, KvmSlot, ManualProtect};
 #[cfg(feature = "uffd-wp")]
 pub use uffd_wp::{ProcessRegion, UffdWpTracker};
+pub use vmm_writes::{VmmWriteLog, VmmWrites, WithVmmWrites};
 
 use std::io;
 
@@ -159,6 +167,14 @@ pub enum DirtyError {
         /// The missing feature.
         feature: &'static str,
     },
+    /// Bytes the VMM marked as written are not all guest RAM.
+    #[error("{len:#x} bytes at guest address {gpa:#x} are not all guest RAM")]
+    NotGuestRam {
+        /// Guest physical address of the first byte.
+        gpa: u64,
+        /// Number of bytes.
+        len: u64,
+    },
     /// A system call other than the tracking ioctls failed.
     #[error("{op} failed: {source}")]
     Os {
@@ -241,7 +257,6 @@ pub(crate) fn check_mask(region: usize, first_page: u64, mask: &[u64], pages: u6
 }
 
 /// Checks that `first_page..first_page + count` lies inside a region of `pages` pages.
-#[cfg(any(feature = "kvm", feature = "uffd-wp"))]
 pub(crate) fn check_range(region: usize, first_page: u64, count: u64, pages: u64) -> Result<()> {
     match first_page.checked_add(count) {
         Some(end) if end <= pages => Ok(()),
@@ -283,7 +298,7 @@ pub(crate) fn mask_runs(mask: &[u64], limit: u64) -> impl Iterator<Item = (u64, 
 }
 
 /// ORs `src` into `dst` and returns the number of bits newly set in `dst`.
-#[cfg(any(feature = "kvm", feature = "uffd-wp"))]
+#[cfg(any(feature = "kvm", feature = "uffd-wp", test))]
 pub(crate) fn or_into(dst: &mut [u64], src: &[u64]) -> u64 {
     let mut newly = 0u64;
     for (d, s) in dst.iter_mut().zip(src) {
@@ -298,6 +313,7 @@ mod tests {
     use super::*;
 
     /// Both back ends are usable as `Box<dyn DirtyTracker>` and can move to another thread.
+    #[cfg(all(feature = "kvm", feature = "uffd-wp"))]
     #[allow(dead_code)]
     fn boxed(u: UffdWpTracker, k: KvmDirtyTracker) -> [Box<dyn DirtyTracker>; 2] {
         [Box::new(u), Box::new(k)]
