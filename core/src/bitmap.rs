@@ -1033,3 +1033,5 @@ impl Drop for DrainRuns<'_> {
         }
     }
 }
+
+impl core::error::Error for BitmapError {}

@@ -339,3 +339,5 @@ mod tests {
         assert_eq!(set.len(), 1);
     }
 }
+
+impl core::error::Error for PendingError {}

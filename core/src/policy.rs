@@ -495,3 +495,5 @@ mod tests {
         }
     }
 }
+
+impl core::error::Error for PolicyError {}

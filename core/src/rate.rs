@@ -302,3 +302,5 @@ mod tests {
         assert_eq!(expected_downtime_ns(u64::MAX, 1), Some(u64::MAX));
     }
 }
+
+impl core::error::Error for RateError {}

@@ -244,3 +244,5 @@ mod tests {
         }
     }
 }
+
+impl core::error::Error for IllegalTransition {}

@@ -210,12 +210,28 @@ fn destination_against(
     u32,
     Duration,
 ) {
+    destination_limited(
+        DestinationConfig::new(Transport::Std(RecvStrategy::Direct)).limits,
+        peer,
+    )
+}
+
+/// As [`destination_against`], with the destination stating `limits`.
+fn destination_limited(
+    limits: Limits,
+    peer: impl FnOnce(link::Endpoint) + Send,
+) -> (
+    Result<ferry_host::migration::DestinationReport, destination::DestinationError>,
+    u32,
+    Duration,
+) {
     let dst_mem = memory(8 * MIB);
     let listener = Listener::bind(&"127.0.0.1:0".parse().expect("endpoint")).expect("bind");
     let endpoint = listener.local_endpoint().expect("endpoint");
     let dst_ram = Ram::from_memory(&dst_mem);
     let config = DestinationConfig {
         timeouts: short_timeouts(),
+        limits,
         ..DestinationConfig::new(Transport::Std(RecvStrategy::Direct))
     };
     let mut starter = Starter::default();
@@ -342,4 +358,58 @@ fn ready_is_refused_with_pages_missing() {
     }
     assert_eq!(started, 0, "never started");
     assert!(!e.go_received);
+}
+
+#[test]
+fn a_section_flood_is_refused_at_the_stated_cap() {
+    let cap = MIB;
+    let limits = Limits {
+        max_channels: 4,
+        max_device_bytes: cap,
+    };
+    let (r, started, _) = destination_limited(limits, move |ep| {
+        let mut c = link::connect(&ep).expect("connect");
+        c.write_all(&hello_for(8 * MIB, 2)).expect("hello");
+        // The accept states the cap.
+        let mut accept = [0u8; ferry_core::wire::HEADER_LEN];
+        c.read_exact(&mut accept).expect("accept");
+        let hdr = ferry_core::wire::Header::new_checked(&accept[..]).expect("header");
+        assert_eq!(hdr.first(), cap, "the accept states the device-state cap");
+        let _bulk = link::connect(&ep).expect("bulk");
+        let m = memory(8 * MIB);
+        let neg = Negotiated::new(
+            Ram::from_memory(&m).layout().expect("layout"),
+            Capabilities {
+                postcopy_ram: false,
+                postcopy_only_sections: false,
+                payload_checksums: true,
+                channels: 2,
+            },
+        );
+        let mut enc = ferry_core::wire::StreamEncoder::new(&neg);
+        let chunk = vec![0x5a_u8; 64 << 10];
+        let mut h = [0u8; ferry_core::wire::HEADER_LEN];
+        // Up to 64 MiB, far past the cap; the destination stops reading.
+        for i in 0..1024u64 {
+            let rec = Repr::Section {
+                section: 1,
+                offset: i * chunk.len() as u64,
+                len: chunk.len() as u32,
+                last: false,
+            };
+            enc.encode(&rec, &chunk, &mut h).expect("encode");
+            if c.write_all(&h).and_then(|()| c.write_all(&chunk)).is_err() {
+                break;
+            }
+        }
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest);
+    });
+    let e = r.expect_err("refused");
+    eprintln!("destination: {e}");
+    match &e.kind {
+        DestinationErrorKind::Session(s) => assert_eq!(s.failure, Failure::OverLimit),
+        other => panic!("expected the cap, got {other:?}"),
+    }
+    assert_eq!(started, 0);
 }

@@ -242,3 +242,9 @@ impl fmt::Display for EmitError {
         }
     }
 }
+
+impl core::error::Error for DecodeError {}
+
+impl core::error::Error for EmitError {}
+
+impl core::error::Error for Cause {}

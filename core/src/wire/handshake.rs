@@ -648,3 +648,9 @@ impl Hello {
         Ok(Negotiated::new(self.layout, self.caps))
     }
 }
+
+impl core::error::Error for LayoutError {}
+
+impl core::error::Error for LayoutMismatch {}
+
+impl core::error::Error for HandshakeError {}
