@@ -146,6 +146,8 @@ impl fmt::Display for BitmapError {
     }
 }
 
+impl core::error::Error for BitmapError {}
+
 /// A run of consecutive dirty pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Run {
@@ -1033,5 +1035,3 @@ impl Drop for DrainRuns<'_> {
         }
     }
 }
-
-impl core::error::Error for BitmapError {}

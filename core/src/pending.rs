@@ -128,6 +128,8 @@ impl fmt::Display for PendingError {
     }
 }
 
+impl core::error::Error for PendingError {}
+
 /// What [`Sections::query`] found: the remainder and whether it is the exact
 /// figure or only the estimate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -339,5 +341,3 @@ mod tests {
         assert_eq!(set.len(), 1);
     }
 }
-
-impl core::error::Error for PendingError {}

@@ -97,6 +97,8 @@ impl fmt::Display for PolicyError {
     }
 }
 
+impl core::error::Error for PolicyError {}
+
 /// True when another round over `now` would not pay: it is at or below the
 /// floor, or the last round did not at least halve it (`prev` is what it was
 /// before that round). With no previous round, only the floor counts.
@@ -495,5 +497,3 @@ mod tests {
         }
     }
 }
-
-impl core::error::Error for PolicyError {}

@@ -59,6 +59,8 @@ impl fmt::Display for RateError {
     }
 }
 
+impl core::error::Error for RateError {}
+
 #[derive(Clone, Copy, Debug, Default)]
 struct Sample {
     bytes: u64,
@@ -302,5 +304,3 @@ mod tests {
         assert_eq!(expected_downtime_ns(u64::MAX, 1), Some(u64::MAX));
     }
 }
-
-impl core::error::Error for RateError {}

@@ -120,6 +120,8 @@ impl fmt::Display for IllegalTransition {
     }
 }
 
+impl core::error::Error for IllegalTransition {}
+
 /// The current state, changed only through legal transitions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StateMachine {
@@ -244,5 +246,3 @@ mod tests {
         }
     }
 }
-
-impl core::error::Error for IllegalTransition {}

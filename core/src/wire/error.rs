@@ -175,6 +175,8 @@ impl fmt::Display for Cause {
     }
 }
 
+impl core::error::Error for Cause {}
+
 /// A refused record: what was wrong, and where.
 ///
 /// `seq` and `kind` are the values from the header as received; when the cause is
@@ -200,6 +202,8 @@ impl fmt::Display for DecodeError {
         )
     }
 }
+
+impl core::error::Error for DecodeError {}
 
 /// Why a header could not be encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,8 +247,4 @@ impl fmt::Display for EmitError {
     }
 }
 
-impl core::error::Error for DecodeError {}
-
 impl core::error::Error for EmitError {}
-
-impl core::error::Error for Cause {}

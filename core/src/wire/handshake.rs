@@ -183,6 +183,8 @@ impl fmt::Display for LayoutError {
     }
 }
 
+impl core::error::Error for LayoutError {}
+
 /// How two layouts differ: the first difference found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayoutMismatch {
@@ -230,6 +232,8 @@ impl fmt::Display for LayoutMismatch {
         }
     }
 }
+
+impl core::error::Error for LayoutMismatch {}
 
 /// A validated guest RAM layout: page size and up to [`MAX_REGIONS`] regions.
 ///
@@ -431,6 +435,8 @@ impl fmt::Display for HandshakeError {
         }
     }
 }
+
+impl core::error::Error for HandshakeError {}
 
 /// The hello record: what the source proposes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -648,9 +654,3 @@ impl Hello {
         Ok(Negotiated::new(self.layout, self.caps))
     }
 }
-
-impl core::error::Error for LayoutError {}
-
-impl core::error::Error for LayoutMismatch {}
-
-impl core::error::Error for HandshakeError {}
