@@ -42,15 +42,15 @@
 // `Negotiated` and `Hello` are `Copy` in current ferry-core; the clones
 // below stay correct whether or not they are.
 
-use std::collections::{BTreeMap, BTreeSet};
+mod control;
+
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ferry_core::session::{
-    Completeness, DestinationSession, Limits, Mode as SessionMode, Timeouts,
-};
+use ferry_core::session::{DestinationSession, Limits, Timeouts};
 use ferry_core::wire::{
     self, Capabilities, ErrorCode, Hello, Negotiated, Repr, ReturnRepr, MAX_RUN_PAGES,
     MAX_SECTION_CHUNK,
@@ -60,10 +60,8 @@ use ferry_uring::{AnyChannel, Channel, Decoder, Placement, Transport};
 use crate::link::{
     self, Acceptor, ChannelRole, LinkError, ReturnWriter, WireDecodeError, WireDecoder,
 };
-use crate::migration::{monotonic_ns, DestinationReport, DeviceSection, GuestStarter};
-use crate::postcopy::{
-    Claim, FaultService, PageInstaller, PostcopyError, PostcopyMode, RequestSink, Uffd, Via,
-};
+use crate::migration::{monotonic_ns, DestinationReport, GuestStarter};
+use crate::postcopy::{Claim, PageInstaller, PostcopyError, RequestSink, Uffd, Via};
 use crate::ram::{Ram, PAGE_SIZE};
 
 /// Why a migration failed on the destination.
@@ -188,6 +186,33 @@ pub enum DestinationErrorKind {
         /// The offset expected.
         expected: u64,
     },
+    /// A device section's chunk failed its checksum.
+    #[error("device section {section} failed its checksum at offset {offset}")]
+    SectionChecksum {
+        /// Section id.
+        section: u16,
+        /// The chunk's offset.
+        offset: u64,
+    },
+    /// A device section never got its last chunk.
+    #[error(
+        "the stream ended with device section {section} incomplete ({received} bytes received)"
+    )]
+    SectionIncomplete {
+        /// Section id.
+        section: u16,
+        /// Bytes received.
+        received: u64,
+    },
+    /// This side's own guest RAM does not make a valid layout.
+    #[error("the guest RAM here does not make a valid layout: {0}")]
+    Layout(ferry_core::wire::LayoutError),
+    /// The decoder handed out no record after a receive (a bug).
+    #[error("the control channel's decoder lost its record")]
+    DecoderLost,
+    /// A bulk receiver stopped before the switchover marker.
+    #[error("a bulk receiver stopped before the switchover")]
+    ReceiverStopped,
     /// The embedding hypervisor could not start the guest.
     #[error("could not start the guest: {0}")]
     Start(crate::migration::CallbackError),
@@ -214,9 +239,13 @@ impl DestinationErrorKind {
             DestinationErrorKind::Transport { .. } | DestinationErrorKind::Truncated(_) => {
                 ErrorCode::Io
             }
-            DestinationErrorKind::Unexpected { .. } | DestinationErrorKind::Section { .. } => {
-                ErrorCode::Protocol
-            }
+            DestinationErrorKind::Unexpected { .. }
+            | DestinationErrorKind::Section { .. }
+            | DestinationErrorKind::SectionIncomplete { .. } => ErrorCode::Protocol,
+            DestinationErrorKind::SectionChecksum { .. } => ErrorCode::Checksum,
+            DestinationErrorKind::Layout(_)
+            | DestinationErrorKind::DecoderLost
+            | DestinationErrorKind::ReceiverStopped => ErrorCode::Internal,
             DestinationErrorKind::Checksum { .. } => ErrorCode::Checksum,
             DestinationErrorKind::Start(_)
             | DestinationErrorKind::Thread(_)
@@ -1163,6 +1192,114 @@ fn receive_resent(
     apply_page_record(ram, neg, rec, torn, ret, stats, true)
 }
 
+/// The control connection after the handshake.
+struct Handshaken {
+    ctl_conn: link::Conn,
+    ret: ReturnWriter,
+    neg: Negotiated,
+    session: DestinationSession,
+}
+
+/// Accepts the control connection and runs the handshake under the session.
+fn handshake(
+    listener: &mut dyn Acceptor,
+    ram: &Ram<'_>,
+    config: &DestinationConfig,
+) -> Result<Handshaken, DestinationErrorKind> {
+    let mut ctl_conn = listener.accept(ChannelRole::Control)?;
+    let ret = ReturnWriter::new(ctl_conn.try_clone().map_err(|source| LinkError::Io {
+        what: "duplicating the control socket",
+        source,
+    })?);
+    let layout = ram.layout().map_err(DestinationErrorKind::Layout)?;
+    let ours = Hello::new(
+        Capabilities {
+            postcopy_ram: config.postcopy_ram,
+            postcopy_only_sections: config.postcopy_only_sections,
+            payload_checksums: true,
+            channels: 0,
+        },
+        layout,
+    );
+    let mut session = DestinationSession::new(monotonic_ns(), config.timeouts, config.limits);
+    let neg = link::destination_handshake(&mut ctl_conn, &ours, &ret, &mut session)?;
+    Ok(Handshaken {
+        ctl_conn,
+        ret,
+        neg,
+        session,
+    })
+}
+
+/// The data connections of a migration, accepted in the source's order.
+struct Channels {
+    ctl: AnyChannel,
+    bulk: Vec<AnyChannel>,
+    urgent: Option<link::Conn>,
+}
+
+/// Builds the control channel and accepts the bulk (and urgent) ones.
+fn open_channels(
+    listener: &mut dyn Acceptor,
+    ram: &Ram<'_>,
+    second: Option<&Ram<'_>>,
+    config: &DestinationConfig,
+    neg: &Negotiated,
+    ctl_conn: &link::Conn,
+) -> Result<Channels, DestinationErrorKind> {
+    let probe = ferry_uring::probe();
+    let postcopy_ram = neg.caps.postcopy_ram;
+    // With postcopy into anonymous memory, nothing is received into
+    // registered guest memory (a pinned page would not be the one mapped
+    // after a zap); into memfd memory, pages land in the second mapping.
+    let regions = match (postcopy_ram, second) {
+        (false, _) => ram.mem_regions(),
+        (true, Some(second)) => second.mem_regions(),
+        (true, None) => Vec::new(),
+    };
+    let transport_err =
+        |channel: String| move |source| DestinationErrorKind::Transport { channel, source };
+    // The control channel carries headers, device state and (rare) resent
+    // pages, all received into a buffer: it registers no guest RAM, which
+    // saves pinning it once more before the first page can arrive.
+    let dup = ctl_conn.try_clone().map_err(|source| LinkError::Io {
+        what: "duplicating the control socket",
+        source,
+    })?;
+    let ctl = AnyChannel::new(dup, &[], config.transport, &probe)
+        .map_err(transport_err("control".into()))?;
+    let extra = if postcopy_ram { 2 } else { 1 };
+    let n_bulk = usize::from(neg.caps.channels.saturating_sub(extra)).max(1);
+    let mut bulk = Vec::with_capacity(n_bulk);
+    for i in 0..n_bulk {
+        let c = listener.accept(ChannelRole::Bulk(i))?;
+        bulk.push(
+            AnyChannel::new(c, &regions, config.transport, &probe)
+                .map_err(transport_err(format!("bulk {i}")))?,
+        );
+    }
+    let urgent = if postcopy_ram {
+        Some(listener.accept(ChannelRole::Urgent)?)
+    } else {
+        None
+    };
+    Ok(Channels { ctl, bulk, urgent })
+}
+
+fn conn_fd(c: &link::Conn) -> i32 {
+    match c {
+        link::Conn::Tcp(s) => std::os::fd::AsRawFd::as_raw_fd(s),
+        link::Conn::Unix(s) => std::os::fd::AsRawFd::as_raw_fd(s),
+    }
+}
+
+/// Shuts a socket down so that whoever blocks on it wakes.
+fn wake(fd: i32) {
+    // SAFETY: shutdown on a socket descriptor owned by a live channel only
+    // changes the socket's state; it does not close it.
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+}
+
 #[allow(clippy::too_many_arguments)]
 fn receive_inner<S: GuestStarter>(
     listener: &mut dyn Acceptor,
@@ -1175,104 +1312,46 @@ fn receive_inner<S: GuestStarter>(
     inst_holder: &mut Option<Arc<PageInstaller>>,
     error_sent: &mut bool,
 ) -> Result<DestinationReport, DestinationErrorKind> {
-    let transport = config.transport;
-    let probe = ferry_uring::probe();
-    let mut ctl_conn = listener.accept(ChannelRole::Control)?;
-    let ret = ReturnWriter::new(ctl_conn.try_clone().map_err(|source| LinkError::Io {
-        what: "duplicating the control socket",
-        source,
-    })?);
-    let layout = ram.layout().map_err(|e| DestinationErrorKind::Unexpected {
-        channel: "control".into(),
-        record: format!("invalid local layout: {e:?}"),
-    })?;
-    let ours = Hello::new(
-        Capabilities {
-            postcopy_ram: config.postcopy_ram,
-            postcopy_only_sections: config.postcopy_only_sections,
-            payload_checksums: true,
-            channels: 0,
-        },
-        layout,
-    );
-    let mut session = DestinationSession::new(monotonic_ns(), config.timeouts, config.limits);
-    let neg = link::destination_handshake(&mut ctl_conn, &ours, &ret, &mut session)?;
+    let Handshaken {
+        ctl_conn,
+        ret,
+        neg,
+        session,
+    } = handshake(listener, ram, config)?;
     *ret_holder = Some(ret.clone());
-    let postcopy_ram = neg.caps.postcopy_ram;
-    // With postcopy into anonymous memory, nothing is received into
-    // registered guest memory (a pinned page would not be the one mapped
-    // after a zap); into memfd memory, pages land in the second mapping.
-    let second = second.filter(|_| postcopy_ram);
-    let regions = match (postcopy_ram, second) {
-        (false, _) => ram.mem_regions(),
-        (true, Some(second)) => second.mem_regions(),
-        (true, None) => Vec::new(),
-    };
-    // The control channel carries headers, device state and (rare) resent
-    // pages, all received into a buffer: it registers no guest RAM, which
-    // saves pinning it once more before the first page can arrive.
-    let ctl_chan = AnyChannel::new(
-        ctl_conn.try_clone().map_err(|source| LinkError::Io {
-            what: "duplicating the control socket",
-            source,
-        })?,
-        &[],
-        transport,
-        &probe,
-    )
-    .map_err(|source| DestinationErrorKind::Transport {
-        channel: "control".into(),
-        source,
-    })?;
-    let extra = if postcopy_ram { 2 } else { 1 };
-    let n_bulk = usize::from(neg.caps.channels.saturating_sub(extra)).max(1);
-    let mut bulk = Vec::with_capacity(n_bulk);
-    for i in 0..n_bulk {
-        let c = listener.accept(ChannelRole::Bulk(i))?;
-        bulk.push(
-            AnyChannel::new(c, &regions, transport, &probe).map_err(|source| {
-                DestinationErrorKind::Transport {
-                    channel: format!("bulk {i}"),
-                    source,
-                }
-            })?,
-        );
-    }
-    let urgent = if postcopy_ram {
-        Some(listener.accept(ChannelRole::Urgent)?)
-    } else {
-        None
-    };
-    let inst = postcopy_ram.then(|| {
+    let second = second.filter(|_| neg.caps.postcopy_ram);
+    let chans = open_channels(listener, ram, second, config, &neg, &ctl_conn)?;
+    let inst = neg.caps.postcopy_ram.then(|| {
         Arc::new(match second {
             Some(second) => PageInstaller::new_in_place(ram, second),
             None => PageInstaller::new(ram),
         })
     });
     *inst_holder = inst.clone();
-    let inst_shared = inst.clone();
     let torn = Torn::new(ram);
     let finished = AtomicBool::new(false);
-    let mut report = DestinationReport::default();
     let (notes_tx, notes_rx) = mpsc::channel::<BulkNote>();
-
     let watch = Watch::new(monotonic_ns());
-    std::thread::scope(|scope| {
-        let mut handles = Vec::new();
-        let wake_fds: Vec<i32> = bulk.iter().map(|c| c.stream().fd()).collect();
-        let mut watched: Vec<i32> = wake_fds.clone();
-        watched.push(ctl_chan.stream().fd());
-        if let Some(u) = urgent.as_ref() {
-            watched.push(match u {
-                link::Conn::Tcp(s) => std::os::fd::AsRawFd::as_raw_fd(s),
-                link::Conn::Unix(s) => std::os::fd::AsRawFd::as_raw_fd(s),
-            });
+    let n_bulk = chans.bulk.len();
+    let wake_fds: Vec<i32> = chans.bulk.iter().map(|c| c.stream().fd()).collect();
+    let mut watched = wake_fds.clone();
+    watched.push(chans.ctl.stream().fd());
+    watched.extend(chans.urgent.as_ref().map(conn_fd));
+    let urgent_fd = chans.urgent.as_ref().map(conn_fd);
+    let urgent_writer = match chans.urgent.as_ref().map(|c| c.try_clone()) {
+        Some(Ok(w)) => Some(ReturnWriter::new(w)),
+        Some(Err(source)) => {
+            return Err(DestinationErrorKind::Link(LinkError::Io {
+                what: "duplicating the urgent socket",
+                source,
+            }))
         }
-        let watchdog = {
-            let watch = &watch;
-            scope.spawn(move || watch.run(&watched))
-        };
-        for (i, chan) in bulk.into_iter().enumerate() {
+        None => None,
+    };
+    std::thread::scope(|scope| {
+        let watchdog = scope.spawn(|| watch.run(&watched));
+        let mut handles = Vec::with_capacity(n_bulk);
+        for (i, chan) in chans.bulk.into_iter().enumerate() {
             let (neg, torn, ret, inst, watch) = (&neg, &torn, &ret, inst.as_deref(), &watch);
             let notes = notes_tx.clone();
             handles.push(scope.spawn(move || {
@@ -1284,342 +1363,42 @@ fn receive_inner<S: GuestStarter>(
             }));
         }
         drop(notes_tx);
-        let mut urgent_writer = None;
-        let mut urgent_handle = None;
-        let mut urgent_fd = None;
-        if let (Some(conn), Some(inst)) = (urgent, inst.as_deref()) {
-            match conn.try_clone() {
-                Ok(w) => urgent_writer = Some(ReturnWriter::new(w)),
-                Err(source) => {
-                    return Err(DestinationErrorKind::Link(LinkError::Io {
-                        what: "duplicating the urgent socket",
-                        source,
-                    }))
-                }
+        let urgent_handle = match (chans.urgent, inst.as_deref()) {
+            (Some(conn), Some(inst)) => {
+                let (neg, finished) = (&neg, &finished);
+                Some(scope.spawn(move || urgent_thread(conn, neg, inst, finished)))
             }
-            urgent_fd = Some(match &conn {
-                link::Conn::Tcp(s) => std::os::fd::AsRawFd::as_raw_fd(s),
-                link::Conn::Unix(s) => std::os::fd::AsRawFd::as_raw_fd(s),
-            });
-            let (neg, finished) = (&neg, &finished);
-            urgent_handle = Some(scope.spawn(move || urgent_thread(conn, neg, inst, finished)));
-        }
-        let mut faults: Option<FaultService> = None;
-        let mut handles = Some(handles);
-        let result = (|| {
-            let mut ctl = ctl_chan;
-            let buf_len = (MAX_SECTION_CHUNK as usize).max(MAX_RUN_BYTES);
-            let mut dec = WireDecoder::buffered(neg, buf_len);
-            let mut buf = vec![0u8; buf_len];
-            let mut sections: BTreeMap<u16, (Vec<u8>, bool)> = BTreeMap::new();
-            let mut pc_sections: BTreeMap<u16, (Vec<u8>, bool)> = BTreeMap::new();
-            let mut stats = RecvStats::default();
-            let mut go_at: Option<Instant> = None;
-            watch.publish(&session);
-            let join_bulk = |handles: &mut Option<
-                Vec<std::thread::ScopedJoinHandle<'_, Result<RecvStats, DestinationErrorKind>>>,
-            >,
-                             stats: &mut RecvStats|
-             -> Result<(), DestinationErrorKind> {
-                if let Some(hs) = handles.take() {
-                    for h in hs {
-                        match h.join() {
-                            Ok(Ok(s)) => {
-                                stats.bytes += s.bytes;
-                                stats.pages += s.pages;
-                                stats.zero_pages += s.zero_pages;
-                                stats.torn += s.torn;
-                            }
-                            Ok(Err(e)) => return Err(e),
-                            Err(_) => {
-                                return Err(DestinationErrorKind::Thread(
-                                    "a receiver thread panicked".into(),
-                                ))
-                            }
-                        }
-                    }
-                }
-                Ok(())
-            };
-            let add_chunk = |map: &mut BTreeMap<u16, (Vec<u8>, bool)>,
-                             section: u16,
-                             offset: u64,
-                             bytes: &[u8],
-                             last: bool,
-                             crc: u32| {
-                let entry = map.entry(section).or_insert_with(|| (Vec::new(), false));
-                if entry.1 || entry.0.len() as u64 != offset {
-                    return Err(DestinationErrorKind::Section {
-                        section,
-                        offset,
-                        expected: entry.0.len() as u64,
-                    });
-                }
-                if neg.caps.payload_checksums && wire::payload_crc(bytes) != crc {
-                    return Err(DestinationErrorKind::Unexpected {
-                        channel: "control".into(),
-                        record: format!("section {section} with a bad checksum"),
-                    });
-                }
-                entry.0.extend_from_slice(bytes);
-                entry.1 = last;
-                Ok(())
-            };
-            let incomplete =
-                |map: &BTreeMap<u16, (Vec<u8>, bool)>| -> Result<(), DestinationErrorKind> {
-                    match map.iter().find(|(_, (_, last))| !*last) {
-                        Some((id, _)) => Err(DestinationErrorKind::Unexpected {
-                            channel: "control".into(),
-                            record: format!("end of stream with section {id} incomplete"),
-                        }),
-                        None => Ok(()),
-                    }
-                };
-            let as_sections = |map: &BTreeMap<u16, (Vec<u8>, bool)>| -> Vec<DeviceSection> {
-                map.iter()
-                    .map(|(id, (bytes, _))| DeviceSection {
-                        id: *id,
-                        bytes: bytes.clone(),
-                    })
-                    .collect()
-            };
-            loop {
-                let got = match ctl.recv(&mut dec, &mut buf) {
-                    Ok(Some(g)) => g,
-                    Ok(None) | Err(_) if watch.fired() => {
-                        // The watchdog woke us: the session says which wait ran out.
-                        session.note_activity(watch.activity());
-                        session.handle_timeout(monotonic_ns());
-                        return Err(session_failed(&session, "control"));
-                    }
-                    Err(source) => {
-                        return Err(DestinationErrorKind::Transport {
-                            channel: "control".into(),
-                            source,
-                        });
-                    }
-                    Ok(None) => return Err(DestinationErrorKind::Truncated("control".into())),
-                };
-                let now = monotonic_ns();
-                watch.touch(now);
-                let len = got.placement.len() as usize;
-                stats.bytes += len as u64 + wire::HEADER_LEN as u64;
-                let Some(rec) = dec.last() else {
-                    return Err(DestinationErrorKind::Thread(
-                        "the decoder lost its record".into(),
-                    ));
-                };
-                // The session decides whether this record may come now.
-                session.note_activity(watch.activity());
-                if session.handle_record(now, &rec.repr).is_err() {
-                    return Err(session_failed(&session, "control"));
-                }
-                let payload = buf.get(..len).unwrap_or(&[]);
-                match rec.repr {
-                    Repr::Section {
-                        section,
-                        offset,
-                        last,
-                        ..
-                    } => {
-                        add_chunk(
-                            &mut sections,
-                            section,
-                            offset,
-                            payload,
-                            last,
-                            rec.payload_crc,
-                        )?;
-                    }
-                    Repr::PostcopySection {
-                        section,
-                        offset,
-                        last,
-                        ..
-                    } => {
-                        add_chunk(
-                            &mut pc_sections,
-                            section,
-                            offset,
-                            payload,
-                            last,
-                            rec.payload_crc,
-                        )?;
-                    }
-                    Repr::StopAndCopy | Repr::PostcopyListen | Repr::PostcopyRun => {}
-                    Repr::PageRun { .. } | Repr::ZeroRun { .. } => {
-                        // Resent pages: the source is stopped, so they must be intact.
-                        receive_resent(
-                            ram,
-                            inst.as_deref(),
-                            &neg,
-                            &rec,
-                            payload,
-                            &torn,
-                            &ret,
-                            &mut stats,
-                        )?;
-                    }
-                    Repr::End if go_at.is_none() => {
-                        if session.mode() == SessionMode::Ram {
-                            let (Some(inst), Some(writer)) =
-                                (inst.as_deref(), urgent_writer.clone())
-                            else {
-                                return Err(DestinationErrorKind::Unexpected {
-                                    channel: "control".into(),
-                                    record: "postcopy of RAM without the postcopy-ram capability"
-                                        .into(),
-                                });
-                            };
-                            // Postcopy RAM: every bulk channel must have
-                            // reached its marker, so every discard is in.
-                            for _ in 0..n_bulk {
-                                match notes_rx.recv() {
-                                    Ok(BulkNote::Marker) => {}
-                                    Ok(BulkNote::Failed) | Err(_) => {
-                                        inst.abort();
-                                        join_bulk(&mut handles, &mut stats)?;
-                                        return Err(DestinationErrorKind::Thread(
-                                            "a receiver stopped before the switchover".into(),
-                                        ));
-                                    }
-                                }
-                            }
-                            inst.arm(if inst.in_place() {
-                                Uffd::new_minor()?
-                            } else {
-                                Uffd::new()?
-                            })?;
-                            faults = Some(FaultService::start(
-                                inst_arc(&inst_shared)?,
-                                UrgentRequests(writer),
-                            )?);
-                            // Torn pages are missing now: the source adds them
-                            // to its background stream.
-                            torn.ask_again(&ret)?;
-                        } else {
-                            join_bulk(&mut handles, &mut stats)?;
-                            torn.ask_again(&ret)?;
-                        }
-                    }
-                    Repr::Go => {
-                        *go_received = true;
-                        report.go_at_ns = monotonic_ns();
-                        go_at = Some(Instant::now());
-                        starter
-                            .start(&as_sections(&sections))
-                            .map_err(DestinationErrorKind::Start)?;
-                        report.resumed_at_ns = monotonic_ns();
-                        report.sections = sections.len() as u32;
-                        if session.guest_started(monotonic_ns()).is_err() {
-                            return Err(session_failed(&session, "control"));
-                        }
-                        flush_session(&mut session, &ret)?;
-                        if session.mode() == SessionMode::Precopy {
-                            finished.store(true, Ordering::Release);
-                            report.bytes_received = stats.bytes;
-                            report.pages_received = stats.pages;
-                            report.zero_pages = stats.zero_pages;
-                            report.resend_requests = stats.torn;
-                            return Ok(report.clone());
-                        }
-                    }
-                    Repr::End => {
-                        // The end of postcopy: every page and section must be here.
-                        let mode = session.mode();
-                        join_bulk(&mut handles, &mut stats)?;
-                        if let Some(inst) = inst.as_deref().filter(|_| mode == SessionMode::Ram) {
-                            if let Some(w) = urgent_writer.as_ref() {
-                                for (region, first, count) in inst.missing_runs(MAX_RUN_PAGES) {
-                                    w.send(&ReturnRepr::PageRequest {
-                                        region,
-                                        first,
-                                        count,
-                                    })
-                                    .map_err(|e| {
-                                        DestinationErrorKind::PostcopyLost {
-                                            why: format!("asking for the last pages failed: {e}"),
-                                            missing: inst.missing(),
-                                        }
-                                    })?;
-                                }
-                            }
-                            if !inst.wait_complete(config.complete_timeout) {
-                                return Err(DestinationErrorKind::PostcopyLost {
-                                    why: format!(
-                                        "the last pages did not arrive within {:?}",
-                                        config.complete_timeout
-                                    ),
-                                    missing: inst.missing(),
-                                });
-                            }
-                        }
-                        incomplete(&pc_sections)?;
-                        if let Some(f) = faults.as_mut() {
-                            f.stop().map_err(DestinationErrorKind::Thread)?;
-                        }
-                        let secs = as_sections(&pc_sections);
-                        starter
-                            .postcopy_sections(&secs)
-                            .map_err(DestinationErrorKind::Start)?;
-                        finished.store(true, Ordering::Release);
-                        if session.postcopy_complete(monotonic_ns()).is_err() {
-                            return Err(session_failed(&session, "control"));
-                        }
-                        flush_session(&mut session, &ret)?;
-                        let mut pc = inst.as_deref().map(|i| i.report()).unwrap_or_default();
-                        pc.mode = if mode == SessionMode::Ram {
-                            PostcopyMode::Ram
-                        } else {
-                            PostcopyMode::Sections
-                        };
-                        pc.postcopy_ns = go_at.map(|t| t.elapsed().as_nanos() as u64).unwrap_or(0);
-                        pc.section_bytes = secs.iter().map(|s| s.bytes.len() as u64).sum();
-                        report.postcopy = Some(pc);
-                        report.bytes_received = stats.bytes;
-                        report.pages_received = stats.pages;
-                        report.zero_pages = stats.zero_pages;
-                        report.resend_requests = stats.torn;
-                        return Ok(report.clone());
-                    }
-                    other => {
-                        return Err(DestinationErrorKind::Unexpected {
-                            channel: "control".into(),
-                            record: format!("{other:?}"),
-                        });
-                    }
-                }
-                if session.phase_name() == "verifying" {
-                    // Ready only once every page of the layout arrived intact
-                    // (postcopy RAM fetches the rest on fault) and every
-                    // announced section is complete.
-                    let complete = Completeness {
-                        missing_pages: if session.mode() == SessionMode::Ram {
-                            0
-                        } else {
-                            torn.missing()
-                        },
-                        torn_pages: torn.torn_pages(),
-                        incomplete_sections: sections.values().filter(|(_, last)| !*last).count()
-                            as u32,
-                    };
-                    if session
-                        .handle_completeness(monotonic_ns(), complete)
-                        .is_err()
-                    {
-                        return Err(session_failed(&session, "control"));
-                    }
-                    flush_session(&mut session, &ret)?;
-                }
-                watch.publish(&session);
-            }
-        })();
-        if let Some(mut f) = faults.take() {
-            let _ = f.stop();
-        }
-        if let Some(inst) = inst.as_deref() {
-            inst.abort();
-        }
+            _ => None,
+        };
+        let buf_len = (MAX_SECTION_CHUNK as usize).max(MAX_RUN_BYTES);
+        let mut control = control::Control {
+            session,
+            ctl: chans.ctl,
+            dec: WireDecoder::buffered(neg, buf_len),
+            buf: vec![0u8; buf_len],
+            sections: control::Sections::default(),
+            pc_sections: control::Sections::default(),
+            stats: RecvStats::default(),
+            go_at: None,
+            report: DestinationReport::default(),
+            faults: None,
+            bulk: Some(handles),
+            n_bulk,
+            notes: notes_rx,
+            ram,
+            neg,
+            inst: inst.clone(),
+            torn: &torn,
+            ret: &ret,
+            urgent_writer,
+            watch: &watch,
+            finished: &finished,
+            config,
+            starter,
+            go_received,
+        };
+        let result = control.run();
+        control.stop_postcopy();
         if let Err(kind) = &result {
             // The source learns why before the sockets close.
             let _ = ret.send(&ReturnRepr::Error {
@@ -1633,25 +1412,18 @@ fn receive_inner<S: GuestStarter>(
         if result.is_err() {
             // Wake the receiver threads so the scope can end.
             ctl_conn.shutdown();
-            for fd in &wake_fds {
-                // SAFETY: shutdown on a socket descriptor owned by a live
-                // channel only changes the socket's state; it does not close it.
-                unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
-            }
+            wake_fds.iter().copied().for_each(wake);
         }
-        if let Some(fd) = urgent_fd {
-            // SAFETY: as above; the urgent thread owns the socket and ends
-            // on the end of the connection this causes.
-            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-        }
+        // The urgent thread owns its socket and ends on the end of the
+        // connection this causes.
+        urgent_fd.into_iter().for_each(wake);
         let urgent_result = urgent_handle.map(|h| h.join());
         match (result, urgent_result) {
             (
                 Err(DestinationErrorKind::Transport { .. } | DestinationErrorKind::Truncated(_)),
                 Some(Ok(Err(e))),
             ) => Err(e),
-            (Ok(r), Some(Ok(Ok(s)))) => {
-                let mut r = r;
+            (Ok(mut r), Some(Ok(Ok(s)))) => {
                 r.bytes_received += s.bytes;
                 r.pages_received += s.pages;
                 Ok(r)
@@ -1659,12 +1431,4 @@ fn receive_inner<S: GuestStarter>(
             (r, _) => r,
         }
     })
-}
-
-fn inst_arc(
-    holder: &Option<Arc<PageInstaller>>,
-) -> Result<Arc<PageInstaller>, DestinationErrorKind> {
-    holder
-        .clone()
-        .ok_or_else(|| DestinationErrorKind::Thread("the page installer is gone".into()))
 }
