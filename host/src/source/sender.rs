@@ -1,0 +1,237 @@
+//! One bulk channel's sender thread: takes jobs from the migration loop,
+//! checksums each page run where it lies in guest memory just before it is
+//! handed to the transport, and paces itself to the bandwidth cap.
+
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use ferry_core::wire::{self, Negotiated, Repr, StreamEncoder, HEADER_LEN};
+use ferry_uring::{AnyChannel, Channel, OutRecord, Payload};
+
+use super::{Job, PageWork, SenderStats, BATCH};
+use crate::ram::{Ram, RamRegion, PAGE_SIZE};
+
+/// Paces a sender to a byte rate.
+struct Pacer {
+    rate: u64,
+    start: Instant,
+    sent: u64,
+}
+
+impl Pacer {
+    fn wait(&mut self, bytes: u64) {
+        self.sent += bytes;
+        let due = Duration::from_nanos(
+            (u128::from(self.sent) * 1_000_000_000 / u128::from(self.rate.max(1))) as u64,
+        );
+        let el = self.start.elapsed();
+        if due > el {
+            std::thread::sleep(due - el);
+        }
+    }
+}
+
+/// A bulk channel and what it needs to encode records.
+struct Sender<'a, 'm> {
+    index: usize,
+    chan: AnyChannel,
+    enc: StreamEncoder,
+    ram: &'a Ram<'m>,
+    stats: SenderStats,
+    recs: Vec<OutRecord<'static>>,
+    batch_bytes: u64,
+    pacer: Option<Pacer>,
+}
+
+/// Runs bulk channel `index` until its jobs end; returns what it sent.
+pub(super) fn sender_thread(
+    index: usize,
+    chan: AnyChannel,
+    jobs: Receiver<Job>,
+    ram: &Ram<'_>,
+    neg: &Negotiated,
+    cap: Option<u64>,
+) -> Result<SenderStats, String> {
+    let mut s = Sender {
+        index,
+        chan,
+        enc: StreamEncoder::new(neg),
+        ram,
+        stats: SenderStats::default(),
+        recs: Vec::with_capacity(BATCH * 2),
+        batch_bytes: 0,
+        pacer: cap.map(|rate| Pacer {
+            rate,
+            start: Instant::now(),
+            sent: 0,
+        }),
+    };
+    // The loop ends with the end record, or when the migration gave up
+    // (its queue closed): then the channel closes without one.
+    while let Ok(job) = jobs.recv() {
+        match job {
+            Job::Discard(runs) => s.discards(runs)?,
+            Job::Marker => s.control(Repr::PostcopyListen, "switchover marker")?,
+            Job::Pages(work) => s.pages(work, false)?,
+            Job::Requested(w) => s.pages(vec![w], true)?,
+            Job::Flush(ack) => {
+                let r = s.chan.flush().map_err(|e| s.fail("flush", &e));
+                let failed = r.is_err();
+                let _ = ack.send(r);
+                if failed {
+                    return Err(s.fail("flush", &"failed"));
+                }
+            }
+            Job::End => {
+                s.control(Repr::End, "end of stream")?;
+                break;
+            }
+        }
+    }
+    Ok(s.stats)
+}
+
+impl Sender<'_, '_> {
+    fn fail(&self, what: &str, e: &dyn std::fmt::Display) -> String {
+        format!("bulk channel {}: {what}: {e}", self.index)
+    }
+
+    /// Encodes a header-only record.
+    fn header(&mut self, repr: &Repr) -> Result<[u8; HEADER_LEN], String> {
+        let mut header = [0u8; HEADER_LEN];
+        self.enc
+            .encode_with_crc(repr, 0, &mut header)
+            .map_err(|e| self.fail("encoding", &e))?;
+        Ok(header)
+    }
+
+    /// Sends a header-only record at once (a marker or the end).
+    fn control(&mut self, repr: Repr, what: &str) -> Result<(), String> {
+        let header = self.header(&repr)?;
+        self.chan
+            .send(&[OutRecord {
+                header,
+                payload: Payload::None,
+            }])
+            .and_then(|_| self.chan.flush())
+            .map_err(|e| self.fail(what, &e))?;
+        self.stats.bytes += HEADER_LEN as u64;
+        Ok(())
+    }
+
+    /// Discard records, sent at switchover.
+    fn discards(&mut self, runs: Vec<(u16, u64, u32)>) -> Result<(), String> {
+        self.recs.clear();
+        for (region, first, count) in runs {
+            let header = self.header(&Repr::Discard {
+                region,
+                first,
+                count,
+            })?;
+            self.recs.push(OutRecord {
+                header,
+                payload: Payload::None,
+            });
+            self.stats.bytes += HEADER_LEN as u64;
+        }
+        let recs = std::mem::take(&mut self.recs);
+        let sent = self.chan.send(&recs).map_err(|e| self.fail("send", &e));
+        self.recs = recs;
+        sent.map(|_| ())
+    }
+
+    /// A batch of page runs (zero pages as zero runs on the first pass).
+    fn pages(&mut self, work: Vec<PageWork>, requested: bool) -> Result<(), String> {
+        self.recs.clear();
+        self.batch_bytes = 0;
+        for w in work {
+            let Some(region) = self.ram.region(w.region).copied() else {
+                return Err(self.fail("page run", &format!("unknown region {}", w.region)));
+            };
+            if !w.detect_zero {
+                self.push_run(&region, w.first, w.count, false, requested)?;
+                continue;
+            }
+            // Split the run into runs of zero and non-zero pages.
+            let (mut start, end) = (w.first, w.first + u64::from(w.count));
+            while start < end {
+                let zero = region.page_is_zero(start);
+                let mut stop = start + 1;
+                while stop < end && region.page_is_zero(stop) == zero {
+                    stop += 1;
+                }
+                self.push_run(&region, start, (stop - start) as u32, zero, requested)?;
+                start = stop;
+            }
+        }
+        let recs = std::mem::take(&mut self.recs);
+        let sent = self.chan.send(&recs).map_err(|e| self.fail("send", &e));
+        self.recs = recs;
+        sent?;
+        if requested {
+            self.chan.flush().map_err(|e| self.fail("flush", &e))?;
+        }
+        if let Some(p) = self.pacer.as_mut() {
+            p.wait(self.batch_bytes);
+        }
+        Ok(())
+    }
+
+    /// Queues one run: a zero run, or a page run checksummed in place.
+    fn push_run(
+        &mut self,
+        region: &RamRegion<'_>,
+        first: u64,
+        count: u32,
+        zero: bool,
+        requested: bool,
+    ) -> Result<(), String> {
+        if zero {
+            let header = self.header(&Repr::ZeroRun {
+                region: region.id,
+                first,
+                count,
+            })?;
+            self.recs.push(OutRecord {
+                header,
+                payload: Payload::None,
+            });
+            self.stats.zero_pages += u64::from(count);
+            self.stats.bytes += HEADER_LEN as u64;
+            self.batch_bytes += HEADER_LEN as u64;
+            return Ok(());
+        }
+        // SAFETY: a read that tolerates tearing: if the guest writes the
+        // pages before they leave, the checksum fails on the destination,
+        // which asks again, and the write re-dirtied the pages anyway.
+        let bytes = unsafe { region.pages_slice(first, u64::from(count)) }
+            .ok_or_else(|| self.fail("page run", &"pages outside the region"))?;
+        let crc = wire::payload_crc(bytes);
+        let mut header = [0u8; HEADER_LEN];
+        self.enc
+            .encode_with_crc(
+                &Repr::PageRun {
+                    region: region.id,
+                    first,
+                    count,
+                    requested,
+                },
+                crc,
+                &mut header,
+            )
+            .map_err(|e| self.fail("encoding", &e))?;
+        let len = u64::from(count) * PAGE_SIZE;
+        self.recs.push(OutRecord {
+            header,
+            payload: Payload::Guest {
+                region: u32::from(region.id),
+                offset: first * PAGE_SIZE,
+                len,
+            },
+        });
+        self.stats.pages += u64::from(count);
+        self.stats.bytes += len + HEADER_LEN as u64;
+        self.batch_bytes += len + HEADER_LEN as u64;
+        Ok(())
+    }
+}
