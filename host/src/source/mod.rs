@@ -46,12 +46,10 @@ use ferry_uring::{share_out, AnyChannel, Channel, OutRecord, Payload, ProbeRepor
 
 use crate::dirty::{DirtyError, DirtyTracker};
 use crate::link::{self, ChannelRole, Connector, Endpoint, LinkError, ReturnMsg};
-use crate::migration::{
-    CallbackError, Event, GuestControl, PostcopyProgress, SourceConfig, SourcePostcopyReport,
-    SourceReport, SNAPSHOT_BITMAP_SECTION,
-};
+use crate::migration::{CallbackError, Event, GuestControl, SourceConfig, SourceReport};
 use crate::ram::{Ram, RamRegion, PAGE_SIZE};
 
+mod postcopy;
 mod run;
 mod sender;
 
@@ -559,141 +557,6 @@ impl<'r, 'm> Source<'r, 'm> {
             if offset >= bytes.len() {
                 return Ok(sent);
             }
-        }
-    }
-
-    /// After *go*: serve page requests on the urgent channel, stream the
-    /// remaining pages in the background, then the postcopy-only sections,
-    /// and wait for the destination's final acknowledgement.
-    #[allow(clippy::too_many_arguments)]
-    fn postcopy<'s, 'e>(
-        &mut self,
-        scope: &'s std::thread::Scope<'s, 'e>,
-        bitmaps: &mut [Vec<u64>],
-        pages: &[u64],
-        jobs: Option<Vec<SyncSender<Job>>>,
-        senders: Option<Vec<std::thread::ScopedJoinHandle<'s, Result<SenderStats, String>>>>,
-        snapshot: Option<&[Vec<u64>]>,
-        max_run: u32,
-        report: &mut SourceReport,
-        pc: &mut SourcePostcopyReport,
-        events: &mut dyn FnMut(&Event),
-    ) -> Result<(), SourceError>
-    where
-        'r: 's,
-        'm: 's,
-    {
-        let pages_left: u64 = if jobs.is_some() {
-            bitmaps.iter().map(|b| count_bits(b)).sum()
-        } else {
-            0
-        };
-        let lost = |why: String| SourceError::PostcopyInterrupted { why, pages_left };
-        self.send_ctl(Repr::PostcopyRun, &[])
-            .map_err(|e| lost(e.to_string()))?;
-        events(&Event::PostcopyStarted {
-            ram: jobs.is_some(),
-            pages_left,
-        });
-        let requests = std::sync::Arc::new(UrgentStats::default());
-        let mut server = None;
-        if let (Some(jobs), Some(conn)) = (jobs.as_ref(), self.urgent.as_ref()) {
-            let reader = conn
-                .try_clone()
-                .map_err(|e| lost(format!("duplicating the urgent socket: {e}")))?;
-            let writer = conn
-                .try_clone()
-                .map_err(|e| lost(format!("duplicating the urgent socket: {e}")))?;
-            let via_bulk = self.config.replies_on_bulk().then(|| jobs.clone());
-            let (ram, neg, stats) = (self.ram, self.neg, requests.clone());
-            server = Some(
-                scope.spawn(move || urgent_server(reader, writer, ram, neg, via_bulk, &stats)),
-            );
-        }
-        let streamed = (|| -> Result<(), SourceError> {
-            if let Some(jobs) = jobs {
-                let t = Instant::now();
-                let mut progress = |streamed: u64| {
-                    events(&Event::Postcopy(PostcopyProgress {
-                        pages_streamed: streamed,
-                        pages_left: pages_left.saturating_sub(streamed),
-                        requests: requests.requests.load(std::sync::atomic::Ordering::Relaxed),
-                        elapsed_ns: t.elapsed().as_nanos() as u64,
-                    }))
-                };
-                let sent = stream_background(bitmaps, pages, &jobs, max_run, &mut progress)
-                    .and_then(|()| {
-                        for j in &jobs {
-                            j.send(Job::End).map_err(|_| {
-                                SourceError::Thread("a sender thread stopped early".into())
-                            })?;
-                        }
-                        Ok(())
-                    });
-                drop(jobs);
-                let joined = senders
-                    .map(join_senders_list)
-                    .unwrap_or(Ok(SenderStats::default()));
-                // A sender that died knows better why than "it stopped".
-                let stats = match (sent, joined) {
-                    (Err(SourceError::Thread(_)), Err(cause)) => return Err(cause),
-                    (Err(e), _) => return Err(e),
-                    (Ok(()), joined) => joined?,
-                };
-                report.bytes_sent += stats.bytes;
-                report.pages_sent += stats.pages;
-                report.zero_pages += stats.zero_pages;
-                pc.pages_streamed = pages_left;
-                progress(pages_left);
-            }
-            self.poll_returns(&mut [], report)?;
-            if !self.session.state().is_postcopy() {
-                self.await_started(report)?;
-            }
-            events(&Event::Started);
-            if let Some(snap) = snapshot {
-                let bytes = words_bytes(snap);
-                pc.section_bytes = bytes.len() as u64;
-                report.bytes_sent += self.send_section(SNAPSHOT_BITMAP_SECTION, &bytes, true)?;
-            }
-            let now = self.elapsed_ns();
-            self.session
-                .finish_postcopy(now)
-                .map_err(|e| SourceError::Destination(e.to_string()))?;
-            self.flush_session()?;
-            // The destination acknowledges that every page and section
-            // arrived with a second ready (bounded); until then this side
-            // keeps all.
-            while !self.session.is_ended() {
-                let r = self.next_return().map_err(|e| match e {
-                    SourceError::GoUnconfirmed { why } => SourceError::Destination(why),
-                    e => e,
-                })?;
-                match r {
-                    // Torn pages in postcopy come back through faults.
-                    ReturnRepr::Resend { .. } => {}
-                    r => self.apply_return(r, &mut [], report).map_err(|e| match e {
-                        SourceError::GoUnconfirmed { why } => SourceError::Destination(why),
-                        e => e,
-                    })?,
-                }
-            }
-            Ok(())
-        })();
-        if let Some(u) = &self.urgent {
-            u.shutdown();
-        }
-        let served = server.map(|h| h.join());
-        pc.requests = requests.requests.load(std::sync::atomic::Ordering::Relaxed);
-        pc.pages_requested = requests.pages.load(std::sync::atomic::Ordering::Relaxed);
-        streamed.map_err(|e| match e {
-            SourceError::Thread(why) | SourceError::Destination(why) => lost(why),
-            e => lost(e.to_string()),
-        })?;
-        match served {
-            Some(Ok(Err(e))) => Err(lost(format!("the urgent channel failed: {e}"))),
-            Some(Err(_)) => Err(lost("the urgent server panicked".into())),
-            _ => Ok(()),
         }
     }
 

@@ -13,6 +13,7 @@ use ferry_core::rate::{self, RateEstimator, DEFAULT_WINDOW_NS};
 use ferry_core::session::{Custody, Switchover};
 use ferry_core::wire::MAX_RUN_PAGES;
 
+use super::postcopy::PostcopyWork;
 use super::{
     count_bits, dispatch, flush_all, join_senders_list, or_into, send_discards, sender_thread,
     words_bytes, DevicePending, Job, RamPending, SenderStats, SnapshotPending, Source, SourceError,
@@ -176,18 +177,15 @@ impl<'r, 'm> Source<'r, 'm> {
                 // postcopy awaits started before its end of stream.
                 let pages_left: u64 = st.bitmaps.iter().map(|b| count_bits(b)).sum();
                 let go = Instant::now();
-                let outcome = self.postcopy(
-                    scope,
-                    &mut st.bitmaps,
-                    &st.pages,
-                    senders.jobs.take(),
-                    senders.handles.take(),
-                    st.snapshot.as_deref(),
-                    st.max_run,
-                    &mut st.report,
-                    &mut pc,
-                    events,
-                );
+                let work = PostcopyWork {
+                    bitmaps: &mut st.bitmaps,
+                    pages: &st.pages,
+                    jobs: senders.jobs.take(),
+                    senders: senders.handles.take(),
+                    snapshot: st.snapshot.as_deref(),
+                    max_run: st.max_run,
+                };
+                let outcome = self.postcopy(scope, work, &mut st.report, &mut pc, events);
                 pc.postcopy_ns = go.elapsed().as_nanos() as u64;
                 if let Err(e) = outcome {
                     self.session.link_failed(self.elapsed_ns());
