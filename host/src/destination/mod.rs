@@ -825,9 +825,34 @@ impl RequestSink for UrgentRequests {
     }
 }
 
-/// Receives the replies to page requests on the urgent connection and
-/// installs them. Ends at the end of the connection: cleanly when every page
-/// arrived (or `finished` says the migration completed).
+/// How reading the next reply header on the urgent connection ended.
+enum UrgentRead {
+    /// A header.
+    Header([u8; wire::HEADER_LEN]),
+    /// A clean end with nothing missing.
+    Done,
+    /// The connection closed or failed.
+    Lost(String),
+}
+
+fn read_urgent_header(conn: &mut link::Conn, inst: &PageInstaller) -> UrgentRead {
+    use std::io::Read;
+    let mut hdr = [0u8; wire::HEADER_LEN];
+    let mut got = 0;
+    while got < hdr.len() {
+        match conn.read(&mut hdr[got..]) {
+            Ok(0) if got == 0 && inst.missing() == 0 => return UrgentRead::Done,
+            Ok(0) => return UrgentRead::Lost("the source closed the urgent channel".into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return UrgentRead::Lost(format!("the urgent channel failed: {e}")),
+        }
+    }
+    UrgentRead::Header(hdr)
+}
+
+/// Receives the urgent connection: replies to page requests, each read
+/// straight into place (memfd) or into a buffer, checked, and installed.
 fn urgent_thread(
     mut conn: link::Conn,
     neg: &Negotiated,
@@ -837,58 +862,34 @@ fn urgent_thread(
     use std::io::Read;
     crate::postcopy::prioritise_urgent_thread();
     let mut dec = if inst.in_place() {
-        RecvDecoder::new(
-            WireDecoder::new(*neg, MAX_RUN_BYTES),
-            Some(inst),
-            MAX_RUN_BYTES,
-        )
+        let wire_dec = WireDecoder::new(*neg, MAX_RUN_BYTES);
+        RecvDecoder::new(wire_dec, Some(inst), MAX_RUN_BYTES)
     } else {
         RecvDecoder::new(WireDecoder::buffered(*neg, MAX_RUN_BYTES), None, 0)
     };
     let mut buf = vec![0u8; MAX_RUN_BYTES];
     let mut stats = RecvStats::default();
-    let no_torn = Torn::default();
-    let lost = |why: String, inst: &PageInstaller| {
-        if finished.load(Ordering::Acquire) {
-            None
-        } else {
-            Some(DestinationErrorKind::PostcopyLost {
-                why,
-                missing: inst.missing(),
-            })
-        }
+    // A connection lost once the migration finished is no loss.
+    let lost = |why: String, stats: RecvStats| match finished.load(Ordering::Acquire) {
+        true => Ok(stats),
+        false => Err(DestinationErrorKind::PostcopyLost {
+            why,
+            missing: inst.missing(),
+        }),
     };
     loop {
-        let mut hdr = [0u8; wire::HEADER_LEN];
-        let mut got = 0;
-        while got < hdr.len() {
-            match conn.read(&mut hdr[got..]) {
-                Ok(0) if got == 0 && inst.missing() == 0 => return Ok(stats),
-                Ok(0) => {
-                    return match lost("the source closed the urgent channel".into(), inst) {
-                        Some(e) => Err(e),
-                        None => Ok(stats),
-                    }
-                }
-                Ok(n) => got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return match lost(format!("the urgent channel failed: {e}"), inst) {
-                        Some(e) => Err(e),
-                        None => Ok(stats),
-                    }
-                }
-            }
-        }
+        let hdr = match read_urgent_header(&mut conn, inst) {
+            UrgentRead::Header(h) => h,
+            UrgentRead::Done => return Ok(stats),
+            UrgentRead::Lost(why) => return lost(why, stats),
+        };
         let placement = dec
             .place(&hdr)
             .map_err(|e| DestinationErrorKind::Unexpected {
                 channel: "urgent".into(),
                 record: e.to_string(),
             })?;
-        let rec = dec
-            .last()
-            .ok_or_else(|| DestinationErrorKind::Thread("the decoder lost its record".into()))?;
+        let rec = dec.last().ok_or(DestinationErrorKind::DecoderLost)?;
         let Repr::PageRun {
             region,
             first,
@@ -917,39 +918,59 @@ fn urgent_thread(
             },
         };
         if let Err(e) = read {
-            return match lost(format!("the urgent channel failed: {e}"), inst) {
-                Some(e) => Err(e),
-                None => Ok(stats),
-            };
+            return lost(format!("the urgent channel failed: {e}"), stats);
         }
         stats.bytes += (len + wire::HEADER_LEN) as u64;
-        if inst.in_place() {
-            let partial = dec.partial.take();
-            install_placed(
-                inst,
-                neg,
-                &rec,
-                partial,
-                &buf,
-                &no_torn,
-                None,
-                &mut stats,
-                Via::Request,
-                true,
-            )?;
-        } else {
-            let bytes = buf.get(..len).unwrap_or(&[]);
-            if neg.caps.payload_checksums && wire::payload_crc(bytes) != rec.payload_crc {
-                return Err(DestinationErrorKind::Checksum {
-                    region,
-                    first,
-                    count,
-                });
-            }
-            inst.install(region, first, bytes, Via::Request)?;
-            stats.pages += u64::from(count);
-        }
+        install_reply(inst, neg, &rec, dec.partial.take(), &buf, len, &mut stats)?;
     }
+}
+
+/// Installs one reply to a page request; after the source stopped, a bad
+/// checksum is an error, never a silently wrong page.
+fn install_reply(
+    inst: &PageInstaller,
+    neg: &Negotiated,
+    rec: &wire::Record,
+    partial: Option<Vec<u64>>,
+    buf: &[u8],
+    len: usize,
+    stats: &mut RecvStats,
+) -> Result<(), DestinationErrorKind> {
+    if inst.in_place() {
+        let no_torn = Torn::default();
+        return install_placed(
+            inst,
+            neg,
+            rec,
+            partial,
+            buf,
+            &no_torn,
+            None,
+            stats,
+            Via::Request,
+            true,
+        );
+    }
+    let Repr::PageRun {
+        region,
+        first,
+        count,
+        ..
+    } = rec.repr
+    else {
+        return Ok(());
+    };
+    let bytes = buf.get(..len).unwrap_or(&[]);
+    if wire::payload_crc(bytes) != rec.payload_crc {
+        return Err(DestinationErrorKind::Checksum {
+            region,
+            first,
+            count,
+        });
+    }
+    inst.install(region, first, bytes, Via::Request)?;
+    stats.pages += u64::from(count);
+    Ok(())
 }
 
 /// Receives a migration over the connections `listener` accepts into `ram`,
@@ -1399,26 +1420,54 @@ fn receive_inner<S: GuestStarter>(
         };
         let result = control.run();
         control.stop_postcopy();
+        let ends = Ends {
+            ret: &ret,
+            ctl_conn: &ctl_conn,
+            wake_fds: &wake_fds,
+            urgent_fd,
+            watch: &watch,
+        };
+        ends.wind_down(result, error_sent, watchdog, urgent_handle)
+    })
+}
+
+/// What must be closed and joined when the migration ends here.
+struct Ends<'a> {
+    ret: &'a ReturnWriter,
+    ctl_conn: &'a link::Conn,
+    wake_fds: &'a [i32],
+    urgent_fd: Option<i32>,
+    watch: &'a Watch,
+}
+
+impl Ends<'_> {
+    /// The source learns why before the sockets close; every thread is
+    /// woken and joined; the urgent channel's figures join the report.
+    fn wind_down(
+        &self,
+        result: Result<DestinationReport, DestinationErrorKind>,
+        error_sent: &mut bool,
+        watchdog: std::thread::ScopedJoinHandle<'_, ()>,
+        urgent: Option<std::thread::ScopedJoinHandle<'_, Result<RecvStats, DestinationErrorKind>>>,
+    ) -> Result<DestinationReport, DestinationErrorKind> {
         if let Err(kind) = &result {
-            // The source learns why before the sockets close.
-            let _ = ret.send(&ReturnRepr::Error {
+            let _ = self.ret.send(&ReturnRepr::Error {
                 code: kind.code(),
                 detail: 0,
             });
             *error_sent = true;
         }
-        watch.done.store(true, Ordering::Release);
+        self.watch.done.store(true, Ordering::Release);
         let _ = watchdog.join();
         if result.is_err() {
             // Wake the receiver threads so the scope can end.
-            ctl_conn.shutdown();
-            wake_fds.iter().copied().for_each(wake);
+            self.ctl_conn.shutdown();
+            self.wake_fds.iter().copied().for_each(wake);
         }
         // The urgent thread owns its socket and ends on the end of the
         // connection this causes.
-        urgent_fd.into_iter().for_each(wake);
-        let urgent_result = urgent_handle.map(|h| h.join());
-        match (result, urgent_result) {
+        self.urgent_fd.into_iter().for_each(wake);
+        match (result, urgent.map(|h| h.join())) {
             (
                 Err(DestinationErrorKind::Transport { .. } | DestinationErrorKind::Truncated(_)),
                 Some(Ok(Err(e))),
@@ -1430,5 +1479,5 @@ fn receive_inner<S: GuestStarter>(
             }
             (r, _) => r,
         }
-    })
+    }
 }
