@@ -35,8 +35,8 @@ use std::time::Duration;
 
 use ferry_core::session::DestinationSession;
 use ferry_core::wire::{
-    self, decode_header, Hello, Negotiated, Record, Repr, ReturnDecoder, ReturnRecord, ReturnRepr,
-    HEADER_LEN, MAX_HELLO_LEN,
+    self, Hello, Negotiated, Record, ReturnDecoder, ReturnRecord, ReturnRepr, HEADER_LEN,
+    MAX_HELLO_LEN,
 };
 use ferry_uring::{Decoder, Placement};
 
@@ -768,161 +768,10 @@ pub fn spawn_return_reader(
     }
 }
 
-/// Tells a transport where each payload goes, by decoding headers with
-/// `ferry_core::wire` against the negotiated layout, and checks that the
-/// channel's sequence numbers run without a gap.
-#[derive(Debug)]
-pub struct WireDecoder {
-    neg: Negotiated,
-    /// Bytes of stream consumed so far (headers and payloads).
-    offset: u64,
-    next_seq: u32,
-    last: Option<Record>,
-    /// Largest payload accepted into the caller's buffer.
-    buffer_len: u64,
-    /// Page payloads go into the caller's buffer too, not into guest memory.
-    pages_to_buffer: bool,
-}
-
-/// Why the decoder refused a header.
-#[derive(Debug)]
-pub enum WireDecodeError {
-    /// The header did not decode or validate.
-    Decode(wire::DecodeError),
-    /// A record was missing: the sequence numbers jumped.
-    Sequence {
-        /// The sequence number expected.
-        expected: u32,
-        /// The one that arrived.
-        got: u32,
-        /// The stream offset of the header.
-        offset: u64,
-    },
-    /// The receiver refused the record's pages.
-    Refused(String),
-    /// A record's payload does not fit the receive buffer.
-    TooLarge {
-        /// The payload length.
-        len: u64,
-        /// The buffer's length.
-        buffer: u64,
-    },
-}
-
-impl std::fmt::Display for WireDecodeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            WireDecodeError::Decode(e) => write!(f, "{e}"),
-            WireDecodeError::Refused(why) => write!(f, "{why}"),
-            WireDecodeError::Sequence {
-                expected,
-                got,
-                offset,
-            } => write!(
-                f,
-                "record {got} at stream offset {offset} arrived where record {expected} was expected: records were lost"
-            ),
-            WireDecodeError::TooLarge { len, buffer } => write!(
-                f,
-                "a record carries {len} bytes of payload, more than the {buffer}-byte receive buffer"
-            ),
-        }
-    }
-}
-
-impl WireDecoder {
-    /// A decoder for one channel; `buffer_len` is the size of the buffer
-    /// passed to the transport's receive for section payloads.
-    pub fn new(neg: Negotiated, buffer_len: usize) -> WireDecoder {
-        WireDecoder {
-            neg,
-            offset: 0,
-            next_seq: 0,
-            last: None,
-            buffer_len: buffer_len as u64,
-            pages_to_buffer: false,
-        }
-    }
-
-    /// A decoder that places page payloads in the caller's buffer as well
-    /// (postcopy: the destination installs pages itself, atomically).
-    pub fn buffered(neg: Negotiated, buffer_len: usize) -> WireDecoder {
-        WireDecoder {
-            pages_to_buffer: true,
-            ..WireDecoder::new(neg, buffer_len)
-        }
-    }
-
-    /// The record whose header was decoded last.
-    pub fn last(&self) -> Option<Record> {
-        self.last
-    }
-
-    /// The negotiated session.
-    pub fn negotiated(&self) -> &Negotiated {
-        &self.neg
-    }
-
-    /// Bytes of stream consumed so far.
-    pub fn offset(&self) -> u64 {
-        self.offset
-    }
-}
-
-impl Decoder for WireDecoder {
-    type Error = WireDecodeError;
-
-    fn place(&mut self, header: &[u8; HEADER_LEN]) -> Result<Placement, WireDecodeError> {
-        let rec = decode_header(header, &self.neg, self.offset).map_err(WireDecodeError::Decode)?;
-        if rec.seq != self.next_seq {
-            return Err(WireDecodeError::Sequence {
-                expected: self.next_seq,
-                got: rec.seq,
-                offset: self.offset,
-            });
-        }
-        self.next_seq = self.next_seq.wrapping_add(1);
-        let len = u64::from(rec.payload_len);
-        self.offset = self
-            .offset
-            .saturating_add(HEADER_LEN as u64)
-            .saturating_add(len);
-        self.last = Some(rec);
-        let placement = match rec.repr {
-            Repr::PageRun { .. } if self.pages_to_buffer => {
-                if len > self.buffer_len {
-                    return Err(WireDecodeError::TooLarge {
-                        len,
-                        buffer: self.buffer_len,
-                    });
-                }
-                Placement::Buffer { len }
-            }
-            Repr::PageRun { region, .. } => match rec.ram_dest(&self.neg) {
-                Some((_, offset)) => Placement::Guest {
-                    region: u32::from(region),
-                    offset,
-                    len,
-                },
-                // decode_header validated the range, so this cannot happen;
-                // refuse rather than guess.
-                None => Placement::Discard { len },
-            },
-            Repr::Section { .. } | Repr::PostcopySection { .. } => {
-                if len > self.buffer_len {
-                    return Err(WireDecodeError::TooLarge {
-                        len,
-                        buffer: self.buffer_len,
-                    });
-                }
-                Placement::Buffer { len }
-            }
-            _ if len == 0 => Placement::Empty,
-            _ => Placement::Discard { len },
-        };
-        Ok(placement)
-    }
-}
+/// The one decoder of Ferry's streams: headers checked by `ferry_core::wire`,
+/// sequence numbers that must follow, payloads placed in guest memory or the
+/// caller's buffer.
+pub use ferry_uring::{WireDecodeError, WireDecoder};
 
 /// Why reading a stream record off a plain connection failed.
 #[derive(Debug)]

@@ -17,8 +17,9 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-/// Size of a guest page, in bytes.
-pub const PAGE_SIZE: usize = 4096;
+/// The base page size, in bytes, as a `usize` for mapping arithmetic
+/// (Ferry's one page size is [`crate::ram::PAGE_SIZE`]).
+const PAGE_SIZE: usize = crate::ram::PAGE_SIZE as usize;
 /// Size of a huge page (2 MiB), in bytes.
 pub const HUGE_PAGE_SIZE: usize = 2 << 20;
 

@@ -37,4 +37,4 @@ pub use record::{Decoder, OutRecord, Payload, Placement, Received, HEADER_LEN};
 pub use recv::RecvStrategy;
 pub use std_net::StdChannel;
 pub use uring::{UringChannel, UringConfig};
-pub use wire_decoder::WireDecoder;
+pub use wire_decoder::{WireDecodeError, WireDecoder};

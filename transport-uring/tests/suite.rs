@@ -725,7 +725,7 @@ fn wire_decoder_places_records(kind: Kind, sock: Sock) {
         tx.flush().unwrap();
         tx
     });
-    let mut dec = ferry_uring::WireDecoder::new(neg);
+    let mut dec = ferry_uring::WireDecoder::new(neg, 64);
     let mut buf = [0u8; 64];
     for _ in 0..3 {
         let r = rx.recv(&mut dec, &mut buf).unwrap().unwrap();

@@ -66,8 +66,8 @@ pub use vmm_writes::{VmmWriteLog, VmmWrites, WithVmmWrites};
 
 use std::io;
 
-/// Size in bytes of a tracked page.
-pub const PAGE_SIZE: u64 = 4096;
+/// Size in bytes of a tracked page: Ferry's one page size.
+pub use crate::ram::PAGE_SIZE;
 
 /// Number of `u64` words a bitmap of `pages` pages needs.
 pub const fn bitmap_words(pages: u64) -> usize {
