@@ -64,7 +64,7 @@ bench-bitmap: prereqs
 ## fuzz: run each cargo-fuzz target for FUZZ_SECONDS (default 600).
 fuzz: prereqs
 	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz
-	for t in stream_decoder return_path roundtrip; do fuzz/run.sh $$t $(FUZZ_SECONDS) || exit 1; done
+	for t in stream_decoder return_path roundtrip destination_session source_session; do fuzz/run.sh $$t $(FUZZ_SECONDS) || exit 1; done
 
 clean:
 	$(CARGO) clean

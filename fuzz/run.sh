@@ -1,6 +1,6 @@
 #!/bin/sh
 # Runs one cargo-fuzz target for a given time, starting from the committed seeds.
-# Usage: fuzz/run.sh TARGET SECONDS   (targets: stream_decoder return_path roundtrip)
+# Usage: fuzz/run.sh TARGET SECONDS   (targets: stream_decoder return_path roundtrip destination_session source_session)
 set -eu
 target=${1:?usage: fuzz/run.sh TARGET SECONDS}
 secs=${2:-60}

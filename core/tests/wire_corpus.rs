@@ -11,6 +11,8 @@ mod harness;
 use std::fs;
 use std::path::PathBuf;
 
+use ferry_core::session::Custody;
+
 fn seeds_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds")
 }
@@ -68,6 +70,29 @@ fn replay(target: &str) -> usize {
             "roundtrip" => {
                 harness::roundtrip(&data).expect("a seed has a header");
             }
+            "destination_session" | "source_session" => {
+                let run = if target == "destination_session" {
+                    harness::destination_session(&data)
+                } else {
+                    harness::source_session(&data)
+                };
+                assert!(run.ops > 0, "{name}: no operations");
+                if name.starts_with("complete_") {
+                    assert!(run.completed, "{name}: {run:?}");
+                    assert_eq!(run.failure, None, "{name}");
+                    let guest = if target == "destination_session" {
+                        Custody::Runs
+                    } else {
+                        Custody::Released
+                    };
+                    assert_eq!(run.custody, guest, "{name}");
+                }
+                if name.starts_with("fail_") {
+                    let e = run.failure.unwrap_or_else(|| panic!("{name}: {run:?}"));
+                    assert_eq!(e.custody, run.custody, "{name}");
+                    assert!(!run.completed, "{name}");
+                }
+            }
             _ => unreachable!(),
         }
         n += 1;
@@ -88,6 +113,16 @@ fn replay_return_path_seeds() {
 #[test]
 fn replay_roundtrip_seeds() {
     assert!(replay("roundtrip") >= 10);
+}
+
+#[test]
+fn replay_destination_session_seeds() {
+    assert!(replay("destination_session") >= 10);
+}
+
+#[test]
+fn replay_source_session_seeds() {
+    assert!(replay("source_session") >= 10);
 }
 
 /// The harness must notice a decoder that lets a torn page through: feed a torn stream
@@ -177,5 +212,78 @@ fn random_return_path_bytes() {
     for _ in 0..2000 {
         let len = 2 + (rng.next() % 200) as usize;
         harness::return_path(&rng.bytes(len)).unwrap();
+    }
+}
+
+/// Random operations, and the session seeds with random bytes flipped, cut or spliced,
+/// never break the sessions' promises (the harnesses assert them on every step).
+#[test]
+fn random_session_ops_keep_the_protocol() {
+    let mut rng = Rng(0x5eed_0004);
+    for _ in 0..2000 {
+        let len = 1 + (rng.next() % 200) as usize;
+        let data = rng.bytes(len);
+        harness::destination_session(&data);
+        harness::source_session(&data);
+    }
+    let seeds = harness::seeds();
+    let mut reached = [0usize; 2];
+    for (k, target) in ["destination_session", "source_session"].iter().enumerate() {
+        let corpus: Vec<&Vec<u8>> = seeds
+            .iter()
+            .filter(|(t, _, _)| t == target)
+            .map(|(_, _, b)| b)
+            .collect();
+        for _ in 0..3000 {
+            let mut data = corpus[(rng.next() % corpus.len() as u64) as usize].clone();
+            for _ in 0..1 + rng.next() % 3 {
+                let at = (rng.next() % data.len() as u64) as usize;
+                match rng.next() % 3 {
+                    0 => data[at] ^= 1 << (rng.next() % 8),
+                    1 => data.truncate(at.max(1)),
+                    _ => {
+                        let n = (rng.next() % 16) as usize;
+                        let extra = rng.bytes(n);
+                        data.splice(at..at, extra);
+                    }
+                }
+            }
+            let run = if k == 0 {
+                harness::destination_session(&data)
+            } else {
+                harness::source_session(&data)
+            };
+            if run.completed {
+                reached[k] += 1;
+            }
+        }
+    }
+    assert!(
+        reached.iter().all(|&n| n > 100),
+        "too few mutated runs completed: {reached:?}"
+    );
+}
+
+/// Inputs the `source_session` fuzz target found, each of which broke a promise of
+/// `SourceSession`: `finish_stream` / `finish_postcopy` queue another end of stream (and,
+/// for postcopy-sections, another listen marker) when called again before the first was
+/// handed out; the 4-slot transmit queue then drops its oldest record, and a completed
+/// session still hands out what is left queued. In order: a second end before go; the
+/// stop-and-copy marker dropped; a second end in postcopy; an end after completion.
+/// Regression test: the session now refuses a repeated finish (and clears
+/// its queue on completion).
+#[test]
+fn source_session_repeated_finish() {
+    for hex in [
+        "030390050400000496035898",
+        "03ff010568ff16686868",
+        "0003000504ff9670989490041919",
+        "000300050400000496709894900419194eb4",
+    ] {
+        let data: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        harness::source_session(&data);
     }
 }

@@ -5,8 +5,16 @@
 //! (bit 7: receive page payloads "in place" through `accept_in_place`). The session
 //! layout is fixed: page size [`PAGE`], regions 0 (64 pages), 3 (8 pages) and
 //! 65535 (1 page).
+//!
+//! The session targets (`destination_session`, `source_session`) take a different input:
+//! a short header, then one operation per op byte (see [`DstOp`] and [`SrcOp`]).
 #![allow(clippy::panic, clippy::unwrap_used)]
 
+use ferry_core::session::{
+    Completeness, Custody, DestinationControl, DestinationEvent, DestinationSession, Failure,
+    Limits, Mode, Nanos, SessionError, SourceAction, SourceControl, SourceEvent, SourceSession,
+    Switchover, Timeouts, SEC,
+};
 use ferry_core::wire::{
     Capabilities, DecodeError, Dest, ErrorCode, Event, Hello, Layout, Negotiated, Record, Region,
     Repr, ReturnDecoder, ReturnRecord, ReturnRepr, Step, StreamDecoder, StreamEncoder, HEADER_LEN,
@@ -863,5 +871,1772 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             0, 1, 0, 3, 0, 1, 9, 2, 3, 1, 4,
         ],
     ));
+    out.extend(session_seeds());
     out
+}
+
+/// Hand-made session runs: `complete_*` end in success, `fail_*` in a failure.
+fn session_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
+    use DstOp as D;
+    use SrcOp as S;
+    use Tick::{Deadline, Milli, TenSeconds, ThirtySeconds};
+    let limits = Limits {
+        max_channels: 4,
+        max_device_bytes: 1 << 20,
+    };
+    let section = |section, len| {
+        D::Record(Repr::Section {
+            section,
+            offset: 0,
+            len,
+            last: true,
+        })
+    };
+    let hello = |channels, postcopy_ram| D::AcceptHello {
+        channels,
+        postcopy_ram,
+    };
+    let pages = |first, count| {
+        D::Record(Repr::PageRun {
+            region: 0,
+            first,
+            count,
+            requested: false,
+        })
+    };
+    let precopy_head = vec![
+        hello(3, false),
+        D::NoteActivity,
+        pages(0, 4),
+        D::Record(Repr::StopAndCopy),
+        D::Record(Repr::ZeroRun {
+            region: 0,
+            first: 4,
+            count: 60,
+        }),
+        section(1, 4096),
+        D::Record(Repr::End),
+    ];
+    let postcopy_ram_head = vec![
+        hello(3, true),
+        pages(0, 4),
+        D::Record(Repr::PostcopyListen),
+        D::Record(Repr::End),
+        D::Completeness(Completeness {
+            missing_pages: 60,
+            ..Completeness::default()
+        }),
+        D::Record(Repr::Go),
+        D::GuestStarted,
+    ];
+    let with = |head: &[DstOp], tail: &[DstOp]| -> Vec<DstStep> {
+        head.iter().chain(tail).map(|op| (Milli, *op)).collect()
+    };
+    let mut dst: Vec<(&str, Limits, Vec<DstStep>)> = vec![
+        (
+            "complete_precopy",
+            limits,
+            with(
+                &precopy_head,
+                &[
+                    D::Completeness(Completeness::default()),
+                    D::Record(Repr::Go),
+                    D::GuestStarted,
+                ],
+            ),
+        ),
+        (
+            "complete_precopy_torn_resend",
+            limits,
+            with(
+                &precopy_head,
+                &[
+                    D::Completeness(Completeness {
+                        torn_pages: 1,
+                        ..Completeness::default()
+                    }),
+                    pages(2, 1),
+                    D::Completeness(Completeness::default()),
+                    D::Record(Repr::Go),
+                    D::GuestStarted,
+                ],
+            ),
+        ),
+        (
+            "complete_postcopy_ram",
+            limits,
+            with(
+                &postcopy_ram_head,
+                &[
+                    D::Record(Repr::PostcopyRun),
+                    D::NoteActivity,
+                    D::Record(Repr::End),
+                    D::PostcopyComplete,
+                ],
+            ),
+        ),
+        (
+            "complete_postcopy_sections",
+            limits,
+            with(
+                &[
+                    hello(2, false),
+                    D::Record(Repr::StopAndCopy),
+                    section(1, 100),
+                    D::Record(Repr::PostcopyListen),
+                    D::Record(Repr::End),
+                    D::Completeness(Completeness::default()),
+                    D::Record(Repr::Go),
+                    D::GuestStarted,
+                    D::Record(Repr::PostcopySection {
+                        section: 9,
+                        offset: 0,
+                        len: 64,
+                        last: true,
+                    }),
+                    D::Record(Repr::End),
+                ],
+                &[D::PostcopyComplete],
+            ),
+        ),
+        (
+            "fail_postcopy_link_lost",
+            limits,
+            with(&postcopy_ram_head, &[D::LinkFailed]),
+        ),
+        (
+            "fail_over_limit",
+            Limits {
+                max_channels: 2,
+                max_device_bytes: 1000,
+            },
+            with(&[hello(2, false), section(1, 600), section(2, 600)], &[]),
+        ),
+        (
+            "fail_too_many_channels",
+            limits,
+            with(&[hello(5, false)], &[]),
+        ),
+        (
+            "fail_go_before_ready",
+            limits,
+            with(&precopy_head, &[D::Record(Repr::Go)]),
+        ),
+        (
+            "fail_incomplete",
+            limits,
+            with(
+                &precopy_head,
+                &[D::Completeness(Completeness {
+                    incomplete_sections: 1,
+                    ..Completeness::default()
+                })],
+            ),
+        ),
+        (
+            "fail_local",
+            limits,
+            with(&precopy_head, &[D::LocalFailure(ErrorCode::Io)]),
+        ),
+        ("fail_refused_hello", limits, with(&[D::RefuseHello], &[])),
+    ];
+    let mut timed = |name, head: &[DstOp], tick| {
+        let mut ops = with(head, &[]);
+        ops.push((tick, D::Timeout));
+        dst.push((name, limits, ops));
+    };
+    timed("fail_handshake_timeout", &[], Deadline);
+    timed("fail_idle_timeout", &[hello(3, false)], ThirtySeconds);
+    timed("fail_resend_timeout", &precopy_head, TenSeconds);
+    let mut go_head = precopy_head.clone();
+    go_head.push(D::Completeness(Completeness::default()));
+    timed("fail_go_timeout", &go_head, Deadline);
+
+    let accept = S::Return(ReturnRepr::Accept {
+        max_channels: 4,
+        max_device_bytes: 1 << 20,
+    });
+    let ready = S::Return(ReturnRepr::Ready);
+    let started = S::Return(ReturnRepr::Started);
+    let drained =
+        |ops: &[SrcOp]| -> Vec<SrcStep> { ops.iter().map(|op| (Milli, true, *op)).collect() };
+    let precopy = [
+        accept,
+        S::Pause(Switchover::StopAndCopy),
+        S::CheckDeviceBytes(4096),
+        S::FinishStream,
+        S::Return(ReturnRepr::Resend {
+            region: 0,
+            first: 2,
+            count: 1,
+        }),
+        ready,
+        started,
+    ];
+    let to_go = [
+        accept,
+        S::Pause(Switchover::PostcopyRam),
+        S::FinishStream,
+        ready,
+    ];
+    let mut src: Vec<(&str, Vec<SrcStep>)> = vec![
+        ("complete_precopy", drained(&precopy)),
+        (
+            "complete_postcopy_ram",
+            drained(&[
+                accept,
+                S::Pause(Switchover::PostcopyRam),
+                S::FinishStream,
+                ready,
+                S::Return(ReturnRepr::PageRequest {
+                    region: 0,
+                    first: 5,
+                    count: 1,
+                }),
+                started,
+                S::Return(ReturnRepr::PageRequest {
+                    region: 3,
+                    first: 0,
+                    count: 2,
+                }),
+                S::FinishPostcopy,
+                ready,
+            ]),
+        ),
+        (
+            "complete_postcopy_sections",
+            drained(&[
+                accept,
+                S::Pause(Switchover::PostcopySections),
+                S::CheckDeviceBytes(100),
+                S::FinishStream,
+                ready,
+                started,
+                S::FinishPostcopy,
+                ready,
+            ]),
+        ),
+        (
+            "complete_precopy_polled",
+            [
+                accept,
+                S::Pause(Switchover::StopAndCopy),
+                S::PollTransmit,
+                S::FinishStream,
+                S::PollTransmit,
+                S::PollTransmit,
+                ready,
+                S::DrainTransmits,
+                started,
+            ]
+            .iter()
+            .map(|op| (Milli, false, *op))
+            .collect(),
+        ),
+        ("fail_cancel", drained(&[accept, S::Cancel])),
+        (
+            "fail_peer_error",
+            drained(&[
+                accept,
+                S::Return(ReturnRepr::Error {
+                    code: ErrorCode::Checksum,
+                    detail: 7,
+                }),
+            ]),
+        ),
+        (
+            "fail_over_limit",
+            drained(&[
+                S::Return(ReturnRepr::Accept {
+                    max_channels: 4,
+                    max_device_bytes: 10,
+                }),
+                S::Pause(Switchover::StopAndCopy),
+                S::CheckDeviceBytes(11),
+            ]),
+        ),
+        (
+            "fail_link_after_go",
+            drained(&[to_go.as_slice(), &[S::LinkFailed]].concat()),
+        ),
+        (
+            "fail_local_before_go",
+            drained(&[accept, S::Pause(Switchover::StopAndCopy), S::LocalFailure]),
+        ),
+    ];
+    let mut timed = |name, head: &[SrcOp], tick| {
+        let mut ops = drained(head);
+        ops.push((tick, false, S::Timeout));
+        src.push((name, ops));
+    };
+    timed("fail_handshake_timeout", &[], ThirtySeconds);
+    timed("fail_ready_timeout", &precopy[..4], TenSeconds);
+    timed("fail_started_timeout", &to_go, Deadline);
+
+    // The same clean runs on a clock about to wrap: every deadline saturates.
+    let late = u64::MAX - SEC;
+    let dst_late = dst
+        .iter()
+        .filter(|(name, _, _)| *name == "complete_precopy")
+        .map(|(_, limits, ops)| ("complete_precopy_late_clock", *limits, ops.clone(), late));
+    let src_late = src
+        .iter()
+        .filter(|(name, _)| *name == "complete_postcopy_ram")
+        .map(|(_, ops)| ("complete_postcopy_ram_late_clock", ops.clone(), late));
+    let src_late: Vec<_> = src_late.collect();
+    let dst: Vec<_> = dst
+        .iter()
+        .map(|(name, limits, ops)| (*name, *limits, ops.clone(), 0))
+        .chain(dst_late)
+        .collect();
+    let src = src
+        .iter()
+        .map(|(name, ops)| (*name, ops.clone(), 0))
+        .chain(src_late);
+
+    let mut out = Vec::new();
+    for (name, limits, ops, start) in dst {
+        let input = DstInput { limits, start, ops };
+        let bytes = input.encode();
+        assert_eq!(
+            DstInput::parse(&bytes),
+            input,
+            "{name} does not decode back"
+        );
+        out.push(("destination_session", name.to_string(), bytes));
+    }
+    for (name, ops, start) in src {
+        let input = SrcInput {
+            channels: 3,
+            start,
+            ops,
+        };
+        let bytes = input.encode();
+        assert_eq!(
+            SrcInput::parse(&bytes),
+            input,
+            "{name} does not decode back"
+        );
+        out.push(("source_session", name.to_string(), bytes));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Protocol sessions: the `destination_session` and `source_session` targets.
+//
+// An input is a short header, then operations. Each operation is an op byte and its
+// operands: bits 0..=3 of the op byte pick the operation, bits 4..=6 how the clock moves
+// before it ([`Tick`]), and bit 7 (source only) hands out every queued transmit after it.
+// Every operand has a raw encoding (what the seed encoder writes) beside shorter, biased
+// ones; an input that runs out mid-operation reads zeros.
+
+/// One millisecond in nanoseconds.
+const MS: Nanos = 1_000_000;
+
+/// How the clock moves before an operation (bits 4..=6 of its op byte).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tick {
+    /// It stays.
+    Same = 0,
+    /// 1 ms on.
+    Milli = 1,
+    /// 1 s on.
+    Second = 2,
+    /// 10 s on (the ready, go, started and resend bounds).
+    TenSeconds = 3,
+    /// 30 s on (the handshake and idle bounds).
+    ThirtySeconds = 4,
+    /// 2 s back: a host may read its clock out of order.
+    Back = 5,
+    /// To the session's `poll_timeout`, if it has one.
+    Deadline = 6,
+    /// To 1 ns before the session's `poll_timeout`; without one, 2^62 ns on.
+    BeforeDeadline = 7,
+}
+
+impl Tick {
+    fn from_op(b: u8) -> Tick {
+        match (b >> 4) & 7 {
+            0 => Tick::Same,
+            1 => Tick::Milli,
+            2 => Tick::Second,
+            3 => Tick::TenSeconds,
+            4 => Tick::ThirtySeconds,
+            5 => Tick::Back,
+            6 => Tick::Deadline,
+            _ => Tick::BeforeDeadline,
+        }
+    }
+
+    fn bits(self) -> u8 {
+        (self as u8) << 4
+    }
+
+    fn apply(self, now: Nanos, deadline: Option<Nanos>) -> Nanos {
+        match self {
+            Tick::Same => now,
+            Tick::Milli => now.saturating_add(MS),
+            Tick::Second => now.saturating_add(SEC),
+            Tick::TenSeconds => now.saturating_add(10 * SEC),
+            Tick::ThirtySeconds => now.saturating_add(30 * SEC),
+            Tick::Back => now.saturating_sub(2 * SEC),
+            Tick::Deadline => deadline.unwrap_or(now),
+            Tick::BeforeDeadline => {
+                deadline.map_or(now.saturating_add(1 << 62), |d| d.saturating_sub(1))
+            }
+        }
+    }
+}
+
+/// The control records kind 14 of [`DstOp`] picks by one byte.
+const CONTROL: [Repr; 5] = [
+    Repr::StopAndCopy,
+    Repr::PostcopyListen,
+    Repr::PostcopyRun,
+    Repr::Go,
+    Repr::End,
+];
+
+/// The switchovers [`SrcOp::Pause`] picks by one byte.
+const SWITCHOVERS: [Switchover; 3] = [
+    Switchover::StopAndCopy,
+    Switchover::PostcopyRam,
+    Switchover::PostcopySections,
+];
+
+impl Gen<'_> {
+    fn u16(&mut self) -> u16 {
+        u16::from_le_bytes(self.bytes())
+    }
+
+    fn flag(&mut self) -> bool {
+        self.u8() & 1 != 0
+    }
+
+    /// A channel count: one byte, or 0xff then a raw `u16`.
+    fn channels(&mut self) -> u16 {
+        match self.u8() {
+            0xff => self.u16(),
+            b => u16::from(b),
+        }
+    }
+
+    /// A byte count or a time: `[0, u16]` small, `[1, u64]` raw, 2 the maximum, 3 zero.
+    fn amount(&mut self) -> u64 {
+        match self.u8() % 4 {
+            0 => u64::from(self.u16()),
+            1 => self.u64(),
+            2 => u64::MAX,
+            _ => 0,
+        }
+    }
+
+    /// A section chunk length: `[0, u8]`, `[1, u32]` raw, 2 the maximum, 3 the chunk bound.
+    fn wide_len(&mut self) -> u32 {
+        match self.u8() % 4 {
+            0 => u32::from(self.u8()),
+            1 => self.u32(),
+            2 => u32::MAX,
+            _ => MAX_SECTION_CHUNK,
+        }
+    }
+
+    fn code(&mut self) -> ErrorCode {
+        ErrorCode::from_u16(u16::from(self.u8() % 7) + 1).expect("a known code")
+    }
+
+    /// Any stream record, valid or not for any layout: every variant, every field.
+    fn any_repr(&mut self) -> Repr {
+        let kind = self.u8() % 10;
+        match kind {
+            0 | 1 | 4 => {
+                let region = self.region();
+                let first = self.first();
+                let count = self.count();
+                match kind {
+                    0 => Repr::PageRun {
+                        region,
+                        first,
+                        count,
+                        requested: self.flag(),
+                    },
+                    1 => Repr::ZeroRun {
+                        region,
+                        first,
+                        count,
+                    },
+                    _ => Repr::Discard {
+                        region,
+                        first,
+                        count,
+                    },
+                }
+            }
+            2 | 3 => {
+                let section = self.u16();
+                let offset = self.first();
+                let len = self.wide_len();
+                let last = self.flag();
+                if kind == 2 {
+                    Repr::Section {
+                        section,
+                        offset,
+                        len,
+                        last,
+                    }
+                } else {
+                    Repr::PostcopySection {
+                        section,
+                        offset,
+                        len,
+                        last,
+                    }
+                }
+            }
+            5 => Repr::StopAndCopy,
+            6 => Repr::PostcopyListen,
+            7 => Repr::PostcopyRun,
+            8 => Repr::Go,
+            _ => Repr::End,
+        }
+    }
+
+    /// Any return-path record: every variant, every field.
+    fn any_return(&mut self) -> ReturnRepr {
+        let kind = self.u8() % 6;
+        match kind {
+            0 | 1 => {
+                let region = self.region();
+                let first = self.first();
+                let count = self.count();
+                if kind == 0 {
+                    ReturnRepr::PageRequest {
+                        region,
+                        first,
+                        count,
+                    }
+                } else {
+                    ReturnRepr::Resend {
+                        region,
+                        first,
+                        count,
+                    }
+                }
+            }
+            2 => ReturnRepr::Ready,
+            3 => {
+                let code = self.code();
+                ReturnRepr::Error {
+                    code,
+                    detail: self.u64(),
+                }
+            }
+            4 => ReturnRepr::Started,
+            _ => {
+                let max_channels = self.channels();
+                ReturnRepr::Accept {
+                    max_channels,
+                    max_device_bytes: self.amount(),
+                }
+            }
+        }
+    }
+
+    fn completeness(&mut self) -> Completeness {
+        let missing_pages = self.amount();
+        let torn_pages = self.amount();
+        let incomplete_sections = match self.u8() % 4 {
+            0 | 1 => 0,
+            2 => u32::from(self.u8()),
+            _ => self.u32(),
+        };
+        Completeness {
+            missing_pages,
+            torn_pages,
+            incomplete_sections,
+        }
+    }
+}
+
+/// Writes operands the way the `Gen` readers read them back (always the raw encodings).
+#[derive(Default)]
+struct Put(Vec<u8>);
+
+impl Put {
+    fn u8(&mut self, b: u8) {
+        self.0.push(b);
+    }
+
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+
+    fn channels(&mut self, c: u16) {
+        match u8::try_from(c) {
+            Ok(b) if b != 0xff => self.u8(b),
+            _ => {
+                self.u8(0xff);
+                self.u16(c);
+            }
+        }
+    }
+
+    fn amount(&mut self, v: u64) {
+        self.u8(1);
+        self.u64(v);
+    }
+
+    fn run(&mut self, region: u16, first: u64, count: u32) {
+        self.u8(4);
+        self.u16(region);
+        self.u8(3);
+        self.u64(first);
+        self.u8(1);
+        self.u32(count);
+    }
+
+    fn code(&mut self, code: ErrorCode) {
+        self.u8(code as u8 - 1);
+    }
+
+    fn repr(&mut self, r: &Repr) {
+        match *r {
+            Repr::PageRun {
+                region,
+                first,
+                count,
+                requested,
+            } => {
+                self.u8(0);
+                self.run(region, first, count);
+                self.u8(u8::from(requested));
+            }
+            Repr::ZeroRun {
+                region,
+                first,
+                count,
+            } => {
+                self.u8(1);
+                self.run(region, first, count);
+            }
+            Repr::Discard {
+                region,
+                first,
+                count,
+            } => {
+                self.u8(4);
+                self.run(region, first, count);
+            }
+            Repr::Section {
+                section,
+                offset,
+                len,
+                last,
+            }
+            | Repr::PostcopySection {
+                section,
+                offset,
+                len,
+                last,
+            } => {
+                self.u8(if matches!(r, Repr::Section { .. }) {
+                    2
+                } else {
+                    3
+                });
+                self.u16(section);
+                self.u8(3);
+                self.u64(offset);
+                self.u8(1);
+                self.u32(len);
+                self.u8(u8::from(last));
+            }
+            Repr::StopAndCopy => self.u8(5),
+            Repr::PostcopyListen => self.u8(6),
+            Repr::PostcopyRun => self.u8(7),
+            Repr::Go => self.u8(8),
+            Repr::End => self.u8(9),
+        }
+    }
+
+    fn ret(&mut self, r: &ReturnRepr) {
+        match *r {
+            ReturnRepr::PageRequest {
+                region,
+                first,
+                count,
+            } => {
+                self.u8(0);
+                self.run(region, first, count);
+            }
+            ReturnRepr::Resend {
+                region,
+                first,
+                count,
+            } => {
+                self.u8(1);
+                self.run(region, first, count);
+            }
+            ReturnRepr::Ready => self.u8(2),
+            ReturnRepr::Error { code, detail } => {
+                self.u8(3);
+                self.code(code);
+                self.u64(detail);
+            }
+            ReturnRepr::Started => self.u8(4),
+            ReturnRepr::Accept {
+                max_channels,
+                max_device_bytes,
+            } => {
+                self.u8(5);
+                self.channels(max_channels);
+                self.amount(max_device_bytes);
+            }
+        }
+    }
+
+    fn completeness(&mut self, c: &Completeness) {
+        self.amount(c.missing_pages);
+        self.amount(c.torn_pages);
+        self.u8(3);
+        self.u32(c.incomplete_sections);
+    }
+}
+
+/// One operation of the `destination_session` target. The kind is bits 0..=3 of its op
+/// byte; the operands follow it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DstOp {
+    /// Kind 0: `accept_hello`; operands: channels, a postcopy-ram flag byte.
+    AcceptHello {
+        /// Channels the hello asks for.
+        channels: u16,
+        /// Whether the hello asks for postcopy of RAM.
+        postcopy_ram: bool,
+    },
+    /// Kind 1: `refuse_hello`.
+    RefuseHello,
+    /// Kinds 2..=6: `handle_record` with any record; kind 14: with a control record
+    /// picked by one byte.
+    Record(Repr),
+    /// Kind 7: `note_activity`.
+    NoteActivity,
+    /// Kind 8: `handle_timeout`.
+    Timeout,
+    /// Kind 9: `handle_completeness` with any counts; kind 15: with nothing missing.
+    Completeness(Completeness),
+    /// Kind 10: `guest_started`.
+    GuestStarted,
+    /// Kind 11: `postcopy_complete`.
+    PostcopyComplete,
+    /// Kind 12: `link_failed`.
+    LinkFailed,
+    /// Kind 13: `local_failure`; operand: the code.
+    LocalFailure(ErrorCode),
+}
+
+/// One `destination_session` operation with how the clock moves before it.
+pub type DstStep = (Tick, DstOp);
+
+/// A `destination_session` input: header `[max channels, max device bytes, start time]`,
+/// then `(tick, operation)` pairs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DstInput {
+    /// The limits the destination offers.
+    pub limits: Limits,
+    /// The clock when the session starts.
+    pub start: Nanos,
+    /// The operations, in order.
+    pub ops: Vec<DstStep>,
+}
+
+impl DstInput {
+    /// Decodes fuzz bytes (any bytes decode).
+    pub fn parse(data: &[u8]) -> DstInput {
+        let mut g = Gen(data);
+        let max_channels = g.channels();
+        let max_device_bytes = g.amount();
+        let start = g.amount();
+        let mut ops = Vec::new();
+        while !g.is_empty() {
+            let b = g.u8();
+            let op = match b & 0x0f {
+                0 => {
+                    let channels = g.channels();
+                    DstOp::AcceptHello {
+                        channels,
+                        postcopy_ram: g.flag(),
+                    }
+                }
+                1 => DstOp::RefuseHello,
+                2..=6 => DstOp::Record(g.any_repr()),
+                7 => DstOp::NoteActivity,
+                8 => DstOp::Timeout,
+                9 => DstOp::Completeness(g.completeness()),
+                10 => DstOp::GuestStarted,
+                11 => DstOp::PostcopyComplete,
+                12 => DstOp::LinkFailed,
+                13 => DstOp::LocalFailure(g.code()),
+                14 => DstOp::Record(CONTROL[usize::from(g.u8()) % CONTROL.len()]),
+                _ => DstOp::Completeness(Completeness::default()),
+            };
+            ops.push((Tick::from_op(b), op));
+        }
+        DstInput {
+            limits: Limits {
+                max_channels,
+                max_device_bytes,
+            },
+            start,
+            ops,
+        }
+    }
+
+    /// Encodes the input so that [`Self::parse`] gives it back.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut p = Put::default();
+        p.channels(self.limits.max_channels);
+        p.amount(self.limits.max_device_bytes);
+        p.amount(self.start);
+        for (tick, op) in &self.ops {
+            let t = tick.bits();
+            match op {
+                DstOp::AcceptHello {
+                    channels,
+                    postcopy_ram,
+                } => {
+                    p.u8(t);
+                    p.channels(*channels);
+                    p.u8(u8::from(*postcopy_ram));
+                }
+                DstOp::RefuseHello => p.u8(t | 1),
+                DstOp::Record(r) => match CONTROL.iter().position(|c| c == r) {
+                    Some(i) => {
+                        p.u8(t | 14);
+                        p.u8(i as u8);
+                    }
+                    None => {
+                        p.u8(t | 2);
+                        p.repr(r);
+                    }
+                },
+                DstOp::NoteActivity => p.u8(t | 7),
+                DstOp::Timeout => p.u8(t | 8),
+                DstOp::Completeness(c) if *c == Completeness::default() => p.u8(t | 15),
+                DstOp::Completeness(c) => {
+                    p.u8(t | 9);
+                    p.completeness(c);
+                }
+                DstOp::GuestStarted => p.u8(t | 10),
+                DstOp::PostcopyComplete => p.u8(t | 11),
+                DstOp::LinkFailed => p.u8(t | 12),
+                DstOp::LocalFailure(code) => {
+                    p.u8(t | 13);
+                    p.code(*code);
+                }
+            }
+        }
+        p.0
+    }
+}
+
+/// One operation of the `source_session` target. The kind is bits 0..=3 of its op byte;
+/// the operands follow it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SrcOp {
+    /// Kinds 0..=3: `handle_return` with any record; kind 4: with *ready*; kind 5: with
+    /// *started*.
+    Return(ReturnRepr),
+    /// Kind 6: `pause`; operand: a byte picking the switchover.
+    Pause(Switchover),
+    /// Kind 7: `check_device_bytes`; operand: the bytes.
+    CheckDeviceBytes(u64),
+    /// Kind 8: `finish_stream`.
+    FinishStream,
+    /// Kind 9: `finish_postcopy`.
+    FinishPostcopy,
+    /// Kind 10: `cancel`.
+    Cancel,
+    /// Kind 11: `handle_timeout`.
+    Timeout,
+    /// Kind 12: `link_failed`.
+    LinkFailed,
+    /// Kind 13: `local_failure`.
+    LocalFailure,
+    /// Kind 14: one `poll_transmit`.
+    PollTransmit,
+    /// Kind 15: `poll_transmit` until it has nothing.
+    DrainTransmits,
+}
+
+/// One `source_session` operation: how the clock moves before it, whether every queued
+/// transmit is handed out after it, and the operation.
+pub type SrcStep = (Tick, bool, SrcOp);
+
+/// A `source_session` input: header `[channels, start time]`, then
+/// `(tick, drain transmits afterwards, operation)` triples.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SrcInput {
+    /// Channels the source asks for.
+    pub channels: u16,
+    /// The clock when the session starts.
+    pub start: Nanos,
+    /// The operations, in order.
+    pub ops: Vec<SrcStep>,
+}
+
+impl SrcInput {
+    /// Decodes fuzz bytes (any bytes decode).
+    pub fn parse(data: &[u8]) -> SrcInput {
+        let mut g = Gen(data);
+        let channels = g.channels();
+        let start = g.amount();
+        let mut ops = Vec::new();
+        while !g.is_empty() {
+            let b = g.u8();
+            let op = match b & 0x0f {
+                0..=3 => SrcOp::Return(g.any_return()),
+                4 => SrcOp::Return(ReturnRepr::Ready),
+                5 => SrcOp::Return(ReturnRepr::Started),
+                6 => SrcOp::Pause(SWITCHOVERS[usize::from(g.u8()) % SWITCHOVERS.len()]),
+                7 => SrcOp::CheckDeviceBytes(g.amount()),
+                8 => SrcOp::FinishStream,
+                9 => SrcOp::FinishPostcopy,
+                10 => SrcOp::Cancel,
+                11 => SrcOp::Timeout,
+                12 => SrcOp::LinkFailed,
+                13 => SrcOp::LocalFailure,
+                14 => SrcOp::PollTransmit,
+                _ => SrcOp::DrainTransmits,
+            };
+            ops.push((Tick::from_op(b), b & 0x80 != 0, op));
+        }
+        SrcInput {
+            channels,
+            start,
+            ops,
+        }
+    }
+
+    /// Encodes the input so that [`Self::parse`] gives it back.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut p = Put::default();
+        p.channels(self.channels);
+        p.amount(self.start);
+        for (tick, drain, op) in &self.ops {
+            let t = tick.bits() | if *drain { 0x80 } else { 0 };
+            match op {
+                SrcOp::Return(ReturnRepr::Ready) => p.u8(t | 4),
+                SrcOp::Return(ReturnRepr::Started) => p.u8(t | 5),
+                SrcOp::Return(r) => {
+                    p.u8(t);
+                    p.ret(r);
+                }
+                SrcOp::Pause(how) => {
+                    p.u8(t | 6);
+                    let i = SWITCHOVERS.iter().position(|s| s == how).expect("listed");
+                    p.u8(i as u8);
+                }
+                SrcOp::CheckDeviceBytes(bytes) => {
+                    p.u8(t | 7);
+                    p.amount(*bytes);
+                }
+                SrcOp::FinishStream => p.u8(t | 8),
+                SrcOp::FinishPostcopy => p.u8(t | 9),
+                SrcOp::Cancel => p.u8(t | 10),
+                SrcOp::Timeout => p.u8(t | 11),
+                SrcOp::LinkFailed => p.u8(t | 12),
+                SrcOp::LocalFailure => p.u8(t | 13),
+                SrcOp::PollTransmit => p.u8(t | 14),
+                SrcOp::DrainTransmits => p.u8(t | 15),
+            }
+        }
+        p.0
+    }
+}
+
+/// What one run of a session target came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionRun {
+    /// Operations run.
+    pub ops: usize,
+    /// Whether the session reported `Completed`.
+    pub completed: bool,
+    /// How the session failed, if it did.
+    pub failure: Option<SessionError>,
+    /// Where the guest belongs at the end.
+    pub custody: Custody,
+}
+
+/// Where an invariant broke: the operation's index and the operation.
+struct At<'a, O> {
+    i: usize,
+    op: &'a O,
+    now: Nanos,
+}
+
+impl<O: std::fmt::Debug> std::fmt::Display for At<'_, O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "op #{} {:?} at t={}", self.i, self.op, self.now)
+    }
+}
+
+/// Panics with the operation and the session's state when `cond` does not hold.
+macro_rules! ensure {
+    ($at:expr, $s:expr, $cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            panic!(
+                "session invariant broken at {}: {}\nsession: {:?}",
+                $at,
+                format_args!($($msg)+),
+                $s
+            );
+        }
+    };
+}
+
+/// What the destination's host has seen so far.
+#[derive(Default)]
+struct DstSeen {
+    hello_ok: bool,
+    accept_sent: bool,
+    end_accepted: bool,
+    ready_sent: bool,
+    go_accepted: bool,
+    started_ok: bool,
+    started_sent: bool,
+    precopy_started: bool,
+    error_sent: bool,
+    completed: bool,
+    failed: bool,
+    section_bytes: u64,
+}
+
+/// Fuzz target `destination_session`: runs a [`DstInput`] against a
+/// [`DestinationSession`] (default timeouts), handing out every transmit and event after
+/// each operation the way a host does, and checks the protocol's promises on every step.
+pub fn destination_session(data: &[u8]) -> SessionRun {
+    run_destination(&DstInput::parse(data))
+}
+
+/// Runs a decoded `destination_session` input; see [`destination_session`].
+pub fn run_destination(input: &DstInput) -> SessionRun {
+    let limits = input.limits;
+    let mut now = input.start;
+    let mut s = DestinationSession::new(now, Timeouts::DEFAULT, limits);
+    assert_eq!(s.custody(), Custody::Released);
+    assert_eq!(
+        s.poll_timeout(),
+        Some(now.saturating_add(Timeouts::DEFAULT.handshake))
+    );
+    let mut seen = DstSeen::default();
+    for (i, (tick, op)) in input.ops.iter().enumerate() {
+        now = tick.apply(now, s.poll_timeout());
+        let at = At { i, op, now };
+        let ended_before = s.is_ended();
+        let phase_before = s.phase_name();
+        let deadline = s.poll_timeout();
+        let result = match *op {
+            DstOp::AcceptHello {
+                channels,
+                postcopy_ram,
+            } => {
+                let r = s.accept_hello(now, channels, postcopy_ram);
+                if r.is_ok() {
+                    ensure!(
+                        at,
+                        s,
+                        phase_before == "awaiting hello",
+                        "a hello accepted in {phase_before}"
+                    );
+                    ensure!(
+                        at,
+                        s,
+                        (1..=limits.max_channels).contains(&channels),
+                        "a hello for {channels} channels accepted"
+                    );
+                    seen.hello_ok = true;
+                }
+                r
+            }
+            DstOp::RefuseHello => {
+                let e = s.refuse_hello(now);
+                Err(e)
+            }
+            DstOp::Record(r) => {
+                let res = s.handle_record(now, &r);
+                if res.is_ok() {
+                    ensure!(at, s, !ended_before, "an ended session accepted {r:?}");
+                    match r {
+                        Repr::Section { len, .. } | Repr::PostcopySection { len, .. } => {
+                            seen.section_bytes = seen.section_bytes.saturating_add(u64::from(len));
+                        }
+                        Repr::End => seen.end_accepted = true,
+                        Repr::Go => {
+                            ensure!(at, s, seen.ready_sent, "go accepted before ready was sent");
+                            ensure!(at, s, !seen.go_accepted, "go accepted twice");
+                            seen.go_accepted = true;
+                        }
+                        _ => {}
+                    }
+                }
+                res
+            }
+            DstOp::NoteActivity => {
+                s.note_activity(now);
+                ensure!(
+                    at,
+                    s,
+                    s.phase_name() == phase_before,
+                    "activity moved the session"
+                );
+                Ok(())
+            }
+            DstOp::Timeout => {
+                s.handle_timeout(now);
+                match deadline {
+                    Some(d) if now >= d => {
+                        ensure!(
+                            at,
+                            s,
+                            matches!(
+                                s.failure(),
+                                Some(SessionError {
+                                    failure: Failure::Timeout { .. },
+                                    ..
+                                })
+                            ),
+                            "the deadline {d} passed but the session did not time out"
+                        );
+                    }
+                    _ => ensure!(
+                        at,
+                        s,
+                        s.phase_name() == phase_before,
+                        "a timeout before the deadline {deadline:?} moved the session"
+                    ),
+                }
+                Ok(())
+            }
+            DstOp::Completeness(c) => {
+                let r = s.handle_completeness(now, c);
+                if r.is_ok() {
+                    ensure!(
+                        at,
+                        s,
+                        phase_before == "verifying",
+                        "completeness taken in {phase_before}"
+                    );
+                    ensure!(
+                        at,
+                        s,
+                        c.incomplete_sections == 0,
+                        "incomplete sections passed"
+                    );
+                    if s.mode() != Mode::Ram {
+                        ensure!(at, s, c.missing_pages == 0, "missing pages passed");
+                        if c.torn_pages > 0 {
+                            ensure!(at, s, s.phase_name() == "verifying", "torn pages passed");
+                        }
+                    }
+                }
+                r
+            }
+            DstOp::GuestStarted => {
+                let r = s.guest_started(now);
+                if r.is_ok() {
+                    ensure!(
+                        at,
+                        s,
+                        phase_before == "starting" && seen.go_accepted && seen.ready_sent,
+                        "the guest started without go"
+                    );
+                    seen.started_ok = true;
+                    if s.mode() == Mode::Precopy {
+                        seen.precopy_started = true;
+                    }
+                }
+                r
+            }
+            DstOp::PostcopyComplete => {
+                let r = s.postcopy_complete(now);
+                if r.is_ok() {
+                    ensure!(
+                        at,
+                        s,
+                        seen.started_ok && s.mode() != Mode::Precopy,
+                        "postcopy completed without a postcopy"
+                    );
+                }
+                r
+            }
+            DstOp::LinkFailed => {
+                s.link_failed(now);
+                if !ended_before {
+                    ensure!(
+                        at,
+                        s,
+                        s.failure().map(|e| e.failure) == Some(Failure::LinkLost),
+                        "a lost link did not fail the session"
+                    );
+                }
+                Ok(())
+            }
+            DstOp::LocalFailure(code) => {
+                s.local_failure(now, code);
+                if !ended_before {
+                    ensure!(
+                        at,
+                        s,
+                        s.failure().map(|e| e.failure) == Some(Failure::Local),
+                        "a local failure did not fail the session"
+                    );
+                }
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            // A completed session refuses stray inputs without failing.
+            let refused_when_done =
+                ended_before && s.failure().is_none() && e.custody == Custody::Runs;
+            ensure!(
+                at,
+                s,
+                s.failure() == Some(e) || refused_when_done,
+                "returned {e:?}, but the session's failure is {:?}",
+                s.failure()
+            );
+        }
+        while let Some(t) = s.poll_transmit() {
+            ensure!(at, s, !seen.error_sent, "{t:?} sent after the error");
+            match t {
+                DestinationControl::Accept(l) => {
+                    ensure!(at, s, seen.hello_ok && !seen.accept_sent, "accept unasked");
+                    ensure!(at, s, l == limits, "accept states {l:?}, not {limits:?}");
+                    seen.accept_sent = true;
+                }
+                DestinationControl::Ready => {
+                    ensure!(at, s, seen.end_accepted, "ready before an end was accepted");
+                    ensure!(
+                        at,
+                        s,
+                        !seen.go_accepted || seen.started_ok,
+                        "ready between go and started"
+                    );
+                    seen.ready_sent = true;
+                }
+                DestinationControl::Started => {
+                    ensure!(
+                        at,
+                        s,
+                        seen.go_accepted && seen.started_ok,
+                        "started sent before go was accepted and the guest started"
+                    );
+                    ensure!(at, s, !seen.started_sent, "started sent twice");
+                    seen.started_sent = true;
+                }
+                DestinationControl::Error(_) => {
+                    ensure!(at, s, s.failure().is_some(), "an error sent unfailed");
+                    seen.error_sent = true;
+                }
+            }
+        }
+        while let Some(e) = s.poll_event() {
+            match e {
+                DestinationEvent::StartGuest => ensure!(
+                    at,
+                    s,
+                    seen.ready_sent && seen.go_accepted,
+                    "start guest before ready was sent"
+                ),
+                DestinationEvent::CheckComplete => {
+                    ensure!(at, s, seen.end_accepted, "check complete before the end");
+                }
+                DestinationEvent::FinishPostcopy => {
+                    ensure!(at, s, seen.started_ok, "finish postcopy before the start");
+                }
+                DestinationEvent::Completed => {
+                    ensure!(at, s, seen.started_ok, "completed, but no guest started");
+                    ensure!(at, s, !seen.completed, "completed twice");
+                    seen.completed = true;
+                }
+                DestinationEvent::Failed(err) => {
+                    ensure!(at, s, !seen.failed, "failed twice");
+                    ensure!(at, s, s.failure() == Some(err), "failed with {err:?}");
+                    seen.failed = true;
+                }
+            }
+        }
+        // Once ended, always ended.
+        if ended_before {
+            ensure!(at, s, s.is_ended(), "an ended session came back");
+        }
+        ensure!(
+            at,
+            s,
+            s.go_received() == seen.go_accepted,
+            "go_received() is {} though go was{} accepted",
+            s.go_received(),
+            if seen.go_accepted { "" } else { " not" }
+        );
+        if s.go_received() {
+            ensure!(at, s, seen.ready_sent, "go received before ready was sent");
+        }
+        if seen.precopy_started {
+            ensure!(
+                at,
+                s,
+                s.custody() == Custody::Runs,
+                "the guest started in precopy, now {:?}",
+                s.custody()
+            );
+        }
+        if !seen.go_accepted {
+            ensure!(
+                at,
+                s,
+                s.custody() == Custody::Released,
+                "the destination claims a guest it never got go for"
+            );
+        }
+        ensure!(
+            at,
+            s,
+            seen.section_bytes <= limits.max_device_bytes,
+            "{} section bytes accepted over the limit {}",
+            seen.section_bytes,
+            limits.max_device_bytes
+        );
+        if !s.is_ended() && s.phase_name() != "starting" {
+            ensure!(at, s, s.poll_timeout().is_some(), "a wait without a bound");
+        }
+        if s.is_ended() {
+            ensure!(at, s, s.poll_timeout().is_none(), "an ended session waits");
+        }
+        ensure!(
+            at,
+            s,
+            seen.failed == s.failure().is_some(),
+            "the failed event and failure() disagree"
+        );
+    }
+    SessionRun {
+        ops: input.ops.len(),
+        completed: seen.completed,
+        failure: s.failure(),
+        custody: s.custody(),
+    }
+}
+
+/// What the source's host has seen so far.
+#[derive(Default)]
+struct SrcSeen {
+    accepted: bool,
+    end_out: bool,
+    ready_after_end: bool,
+    go_out: bool,
+    started_after_go: bool,
+    completed: bool,
+    failed: bool,
+    /// Control records handed out so far.
+    sent: usize,
+}
+
+/// Every control record the source hands out in a whole migration, in order.
+fn control_sequence(how: Switchover) -> &'static [SourceControl] {
+    use SourceControl::{End, Go, PostcopyListen, StopAndCopy};
+    match how {
+        Switchover::StopAndCopy => &[StopAndCopy, End, Go],
+        Switchover::PostcopyRam => &[PostcopyListen, End, Go, End],
+        Switchover::PostcopySections => &[StopAndCopy, PostcopyListen, End, Go, End],
+    }
+}
+
+/// Hands out one transmit, checking it; false when there was none.
+fn source_transmit(
+    s: &mut SourceSession,
+    seen: &mut SrcSeen,
+    at: &At<'_, SrcOp>,
+    now: Nanos,
+) -> bool {
+    let ended = s.is_ended();
+    let phase = s.phase_name();
+    let Some(c) = s.poll_transmit(now) else {
+        return false;
+    };
+    ensure!(
+        at,
+        s,
+        !ended,
+        "{c:?} handed out after the session ended ({phase})"
+    );
+    let order = control_sequence(s.switchover());
+    ensure!(
+        at,
+        s,
+        order.get(seen.sent) == Some(&c),
+        "{c:?} handed out after {:?}",
+        &order[..seen.sent.min(order.len())]
+    );
+    seen.sent += 1;
+    match c {
+        SourceControl::Go => {
+            ensure!(
+                at,
+                s,
+                seen.ready_after_end,
+                "go handed out before ready was accepted after an end"
+            );
+            ensure!(at, s, !seen.go_out, "go handed out twice");
+            seen.go_out = true;
+        }
+        SourceControl::End => seen.end_out = true,
+        SourceControl::StopAndCopy | SourceControl::PostcopyListen => {}
+    }
+    true
+}
+
+/// Fuzz target `source_session`: runs a [`SrcInput`] against a [`SourceSession`]
+/// (default timeouts), handing out every event after each operation and transmits when
+/// the input says, and checks the protocol's promises on every step.
+pub fn source_session(data: &[u8]) -> SessionRun {
+    run_source(&SrcInput::parse(data))
+}
+
+/// Runs a decoded `source_session` input; see [`source_session`].
+pub fn run_source(input: &SrcInput) -> SessionRun {
+    let mut now = input.start;
+    let mut s = SourceSession::new(now, Timeouts::DEFAULT, input.channels);
+    assert_eq!(s.custody(), Custody::Runs);
+    assert_eq!(
+        s.poll_timeout(),
+        Some(now.saturating_add(Timeouts::DEFAULT.handshake))
+    );
+    let mut seen = SrcSeen::default();
+    for (i, (tick, drain, op)) in input.ops.iter().enumerate() {
+        now = tick.apply(now, s.poll_timeout());
+        let at = At { i, op, now };
+        let ended_before = s.is_ended();
+        let phase_before = s.phase_name();
+        let deadline = s.poll_timeout();
+        let result: Result<(), SessionError> = match *op {
+            SrcOp::Return(r) => match s.handle_return(now, &r) {
+                Ok(action) => {
+                    ensure!(at, s, !ended_before, "an ended session accepted {r:?}");
+                    let want = match r {
+                        ReturnRepr::Accept { max_channels, .. } => {
+                            ensure!(
+                                at,
+                                s,
+                                phase_before == "handshake" && input.channels <= max_channels,
+                                "accept taken"
+                            );
+                            seen.accepted = true;
+                            SourceAction::None
+                        }
+                        ReturnRepr::Ready => {
+                            ensure!(at, s, seen.end_out, "ready accepted before an end");
+                            seen.ready_after_end = true;
+                            SourceAction::None
+                        }
+                        ReturnRepr::Started => {
+                            ensure!(at, s, seen.go_out, "started accepted before go");
+                            seen.started_after_go = true;
+                            SourceAction::None
+                        }
+                        ReturnRepr::Resend {
+                            region,
+                            first,
+                            count,
+                        } => SourceAction::Resend {
+                            region,
+                            first,
+                            count,
+                        },
+                        ReturnRepr::PageRequest {
+                            region,
+                            first,
+                            count,
+                        } => {
+                            ensure!(
+                                at,
+                                s,
+                                s.switchover() == Switchover::PostcopyRam && seen.go_out,
+                                "a page request served outside postcopy"
+                            );
+                            SourceAction::PageRequest {
+                                region,
+                                first,
+                                count,
+                            }
+                        }
+                        ReturnRepr::Error { .. } => {
+                            ensure!(at, s, false, "a peer error accepted");
+                            SourceAction::None
+                        }
+                    };
+                    ensure!(at, s, action == want, "{action:?} for {r:?}");
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+            SrcOp::Pause(how) => {
+                let r = s.pause(now, how);
+                if r.is_ok() {
+                    ensure!(at, s, phase_before == "precopy", "paused in {phase_before}");
+                    ensure!(at, s, s.switchover() == how, "switchover not recorded");
+                }
+                r
+            }
+            SrcOp::CheckDeviceBytes(bytes) => {
+                let r = s.check_device_bytes(bytes);
+                if r.is_ok() {
+                    ensure!(
+                        at,
+                        s,
+                        bytes <= s.limits().max_device_bytes,
+                        "{bytes} device bytes passed"
+                    );
+                }
+                r
+            }
+            SrcOp::FinishStream => {
+                let r = s.finish_stream(now);
+                if r.is_ok() {
+                    ensure!(
+                        at,
+                        s,
+                        phase_before == "stop-and-copy",
+                        "stream finished in {phase_before}"
+                    );
+                }
+                r
+            }
+            SrcOp::FinishPostcopy => {
+                let r = s.finish_postcopy(now);
+                if r.is_ok() {
+                    ensure!(
+                        at,
+                        s,
+                        phase_before == "postcopy",
+                        "postcopy finished in {phase_before}"
+                    );
+                }
+                r
+            }
+            SrcOp::Cancel => {
+                let r = s.cancel(now);
+                match r {
+                    Ok(()) => {
+                        ensure!(
+                            at,
+                            s,
+                            !ended_before && !seen.go_out,
+                            "cancelled after go or the end"
+                        );
+                        ensure!(
+                            at,
+                            s,
+                            s.failure().map(|e| e.failure) == Some(Failure::Cancelled),
+                            "cancel did not end the session"
+                        );
+                    }
+                    Err(e) => {
+                        ensure!(
+                            at,
+                            s,
+                            ended_before || seen.go_out,
+                            "cancel refused before go"
+                        );
+                        ensure!(
+                            at,
+                            s,
+                            s.phase_name() == phase_before,
+                            "a refused cancel moved the session"
+                        );
+                        ensure!(at, s, e.custody == s.custody(), "cancel misreports custody");
+                    }
+                }
+                Ok(())
+            }
+            SrcOp::Timeout => {
+                s.handle_timeout(now);
+                match deadline {
+                    Some(d) if now >= d => ensure!(
+                        at,
+                        s,
+                        matches!(
+                            s.failure(),
+                            Some(SessionError {
+                                failure: Failure::Timeout { .. },
+                                ..
+                            })
+                        ),
+                        "the deadline {d} passed but the session did not time out"
+                    ),
+                    _ => ensure!(
+                        at,
+                        s,
+                        s.phase_name() == phase_before,
+                        "a timeout before the deadline {deadline:?} moved the session"
+                    ),
+                }
+                Ok(())
+            }
+            SrcOp::LinkFailed => {
+                s.link_failed(now);
+                if !ended_before {
+                    ensure!(
+                        at,
+                        s,
+                        s.failure().map(|e| e.failure) == Some(Failure::LinkLost),
+                        "a lost link did not fail the session"
+                    );
+                }
+                Ok(())
+            }
+            SrcOp::LocalFailure => {
+                s.local_failure(now);
+                if !ended_before {
+                    ensure!(
+                        at,
+                        s,
+                        s.failure().map(|e| e.failure) == Some(Failure::Local),
+                        "a local failure did not fail the session"
+                    );
+                }
+                Ok(())
+            }
+            SrcOp::PollTransmit => {
+                source_transmit(&mut s, &mut seen, &at, now);
+                Ok(())
+            }
+            SrcOp::DrainTransmits => {
+                while source_transmit(&mut s, &mut seen, &at, now) {}
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            ensure!(
+                at,
+                s,
+                s.is_ended(),
+                "{e:?} returned, but the session goes on"
+            );
+            ensure!(
+                at,
+                s,
+                e.custody == s.custody(),
+                "{e:?} returned, but custody is {:?}",
+                s.custody()
+            );
+        }
+        if *drain {
+            while source_transmit(&mut s, &mut seen, &at, now) {}
+        }
+        while let Some(e) = s.poll_event() {
+            match e {
+                SourceEvent::Accepted(l) => {
+                    ensure!(at, s, seen.accepted && l == s.limits(), "accepted {l:?}");
+                }
+                SourceEvent::Ready => ensure!(at, s, seen.end_out, "ready before the end"),
+                SourceEvent::Started => ensure!(at, s, seen.go_out, "started before go"),
+                SourceEvent::Completed => {
+                    ensure!(
+                        at,
+                        s,
+                        seen.started_after_go,
+                        "completed without started accepted after go"
+                    );
+                    ensure!(at, s, !seen.completed, "completed twice");
+                    seen.completed = true;
+                }
+                SourceEvent::Failed(err) => {
+                    ensure!(at, s, !seen.failed, "failed twice");
+                    ensure!(at, s, s.failure() == Some(err), "failed with {err:?}");
+                    seen.failed = true;
+                }
+            }
+        }
+        if ended_before {
+            ensure!(at, s, s.is_ended(), "an ended session came back");
+        }
+        ensure!(
+            at,
+            s,
+            s.go_sent() == seen.go_out,
+            "go_sent() is {} though go was{} handed out",
+            s.go_sent(),
+            if seen.go_out { "" } else { " not" }
+        );
+        if seen.go_out {
+            // The source never resumes on its own once go may have left.
+            ensure!(
+                at,
+                s,
+                s.custody() != Custody::Runs,
+                "the source runs the guest after go"
+            );
+        }
+        if s.custody() == Custody::Released {
+            ensure!(
+                at,
+                s,
+                seen.completed,
+                "the source released a guest it did not hand over"
+            );
+        }
+        if let Some(e) = s.failure() {
+            let want = if seen.go_out {
+                Custody::Holds
+            } else {
+                Custody::Runs
+            };
+            ensure!(
+                at,
+                s,
+                e.custody == want && s.custody() == want,
+                "failed {} go with custody {:?}",
+                if seen.go_out { "after" } else { "before" },
+                e.custody
+            );
+        }
+        if matches!(
+            s.phase_name(),
+            "handshake" | "awaiting ready" | "awaiting started"
+        ) {
+            ensure!(at, s, s.poll_timeout().is_some(), "a wait without a bound");
+        }
+        if s.is_ended() {
+            ensure!(at, s, s.poll_timeout().is_none(), "an ended session waits");
+        }
+        ensure!(
+            at,
+            s,
+            seen.failed == s.failure().is_some(),
+            "the failed event and failure() disagree"
+        );
+    }
+    // The host hands out what is left.
+    let at = At {
+        i: input.ops.len(),
+        op: &SrcOp::DrainTransmits,
+        now,
+    };
+    while source_transmit(&mut s, &mut seen, &at, now) {}
+    SessionRun {
+        ops: input.ops.len(),
+        completed: seen.completed,
+        failure: s.failure(),
+        custody: s.custody(),
+    }
 }

@@ -301,10 +301,11 @@ impl DestinationSession {
 
     /// The source's hello was refused (a mismatch, a bad header).
     pub fn refuse_hello(&mut self, _now: Nanos) -> SessionError {
+        let state = self.phase.name();
         self.fail(
             Failure::Protocol {
                 kind: crate::wire::HELLO_KIND,
-                state: "awaiting hello",
+                state,
             },
             ErrorCode::Handshake,
         )
@@ -447,8 +448,16 @@ impl DestinationSession {
     }
 
     fn fail(&mut self, failure: Failure, code: ErrorCode) -> SessionError {
-        if let Phase::Failed(e) = self.phase {
-            return e;
+        match self.phase {
+            Phase::Failed(e) => return e,
+            // Done: a stray input is refused, and changes nothing.
+            Phase::Completed => {
+                return SessionError {
+                    failure,
+                    custody: Custody::Runs,
+                }
+            }
+            _ => {}
         }
         let custody = match self.phase {
             // Before go the guest is the source's.

@@ -36,7 +36,7 @@
 //! | when it fails | source | destination |
 //! |---|---|---|
 //! | before the source handed out *go* | runs it (resumes if paused) | released |
-//! | after *go* was handed out, before *started* | holds it paused for the operator | runs it if it got *go*, else released |
+//! | after *go* was handed out, before *started* | holds it paused for the operator | runs it if it got *go* and started it, else released |
 //! | after *started* (precopy) | released | runs it |
 //! | postcopy, pages still missing | holds every page | holds (vCPUs wait on faults) |
 //!

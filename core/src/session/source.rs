@@ -132,6 +132,10 @@ pub struct SourceSession {
     switchover: Switchover,
     channels: u16,
     limits: Limits,
+    /// The end of the precopy stream was queued (once only).
+    stream_end_queued: bool,
+    /// The end of postcopy was queued (once only).
+    postcopy_end_queued: bool,
     transmits: Queue<SourceControl, 4>,
     events: Queue<SourceEvent, 8>,
 }
@@ -149,6 +153,8 @@ impl SourceSession {
             switchover: Switchover::StopAndCopy,
             channels,
             limits: Limits::default(),
+            stream_end_queued: false,
+            postcopy_end_queued: false,
             transmits: Queue::new(),
             events: Queue::new(),
         }
@@ -347,9 +353,10 @@ impl SourceSession {
     /// queues (for postcopy-sections) the listen marker, then the end of the
     /// stream; *ready* is awaited from when `End` is handed out.
     pub fn finish_stream(&mut self, _now: Nanos) -> Result<(), SessionError> {
-        if self.phase != Phase::Paused {
+        if self.phase != Phase::Paused || self.stream_end_queued {
             return Err(self.illegal("end of stream"));
         }
+        self.stream_end_queued = true;
         if self.switchover == Switchover::PostcopySections {
             self.transmits.push(SourceControl::PostcopyListen);
         }
@@ -360,9 +367,10 @@ impl SourceSession {
     /// Postcopy: the background stream and every postcopy-only section went
     /// out; queues the end of the stream and awaits the final *ready*.
     pub fn finish_postcopy(&mut self, _now: Nanos) -> Result<(), SessionError> {
-        if !matches!(self.phase, Phase::Postcopy { deadline: None }) {
+        if !matches!(self.phase, Phase::Postcopy { deadline: None }) || self.postcopy_end_queued {
             return Err(self.illegal("end of postcopy"));
         }
+        self.postcopy_end_queued = true;
         self.transmits.push(SourceControl::End);
         Ok(())
     }
@@ -434,9 +442,7 @@ impl SourceSession {
             (ReturnRepr::Started, Phase::AwaitStarted { .. }) => {
                 self.events.push(SourceEvent::Started);
                 if self.switchover == Switchover::StopAndCopy {
-                    self.move_to(MigrationState::Completed)?;
-                    self.phase = Phase::Completed;
-                    self.events.push(SourceEvent::Completed);
+                    self.complete()?;
                 } else {
                     self.move_to(MigrationState::PostcopyActive)?;
                     self.phase = Phase::Postcopy { deadline: None };
@@ -449,9 +455,7 @@ impl SourceSession {
                     deadline: Some(_), ..
                 },
             ) => {
-                self.move_to(MigrationState::Completed)?;
-                self.phase = Phase::Completed;
-                self.events.push(SourceEvent::Completed);
+                self.complete()?;
                 Ok(SourceAction::None)
             }
             (r, _) => {
@@ -465,6 +469,15 @@ impl SourceSession {
                 Err(self.error(f))
             }
         }
+    }
+
+    /// Done: the destination has the guest; nothing queued goes out.
+    fn complete(&mut self) -> Result<(), SessionError> {
+        self.move_to(MigrationState::Completed)?;
+        self.phase = Phase::Completed;
+        while self.transmits.pop().is_some() {}
+        self.events.push(SourceEvent::Completed);
+        Ok(())
     }
 
     fn move_to(&mut self, to: MigrationState) -> Result<(), SessionError> {
