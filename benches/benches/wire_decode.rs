@@ -70,6 +70,7 @@ fn stream(neg: &Negotiated, src: &[u8]) -> Vec<u8> {
             first: i as u64,
             count: 1,
             requested: false,
+            paused: false,
         };
         enc.encode(&repr, page, &mut head).expect("encodes");
         out.extend_from_slice(&head);

@@ -235,6 +235,7 @@ impl Pair {
                         first: 0,
                         count: 1,
                         requested: false,
+                        paused: false,
                     }));
                 }
             }

@@ -134,8 +134,8 @@ fn unknown_kind() {
 #[test]
 fn unknown_flags() {
     assert_eq!(
-        cause(&raw(0x01, 0x02, 0, 1, 0, 4096, 0, 1)),
-        Cause::UnknownFlags { flags: 0x02 }
+        cause(&raw(0x01, 0x04, 0, 1, 0, 4096, 0, 1)),
+        Cause::UnknownFlags { flags: 0x04 }
     );
     assert_eq!(
         cause(&raw(0x09, 0x01, 0, 0, 0, 0, 0, 1)),
@@ -354,6 +354,7 @@ fn truncated_mid_header_mid_payload_and_before_end() {
         first: 0,
         count: 1,
         requested: false,
+        paused: false,
     };
     let mut head = [0u8; HEADER_LEN];
     enc.encode(&run, &[7; 4096], &mut head).unwrap();

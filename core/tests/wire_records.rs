@@ -285,6 +285,7 @@ fn stream_cases() -> Vec<([u8; HEADER_LEN], Repr, Vec<u8>)> {
                 first: 0x10,
                 count: 2,
                 requested: false,
+                paused: false,
             },
             vec![0xab; 8192],
         ),
@@ -295,6 +296,7 @@ fn stream_cases() -> Vec<([u8; HEADER_LEN], Repr, Vec<u8>)> {
                 first: 0x3ffff,
                 count: 1,
                 requested: true,
+                paused: false,
             },
             vec![0xab; 4096],
         ),
@@ -515,6 +517,7 @@ fn checksums_off_writes_and_ignores_payload_crc() {
         first: 0x10,
         count: 2,
         requested: false,
+        paused: false,
     };
     enc.encode(&repr, &[0xab; 8192], &mut out).unwrap();
     assert_eq!(&out[20..24], &[0, 0, 0, 0]);
@@ -535,6 +538,7 @@ fn encoder_numbers_records_and_checks_payload_length() {
         first: 0,
         count: 1,
         requested: false,
+        paused: false,
     };
     let err = enc.encode(&run, &[0; 100], &mut out).unwrap_err();
     assert_eq!(
@@ -554,6 +558,7 @@ fn encoder_numbers_records_and_checks_payload_length() {
         first: 0,
         count: u32::MAX,
         requested: false,
+        paused: false,
     };
     assert!(matches!(
         huge.emit(PAGE, 0, 0, &mut out),

@@ -516,6 +516,7 @@ impl Gen<'_> {
                 first: self.first(),
                 count: self.count(),
                 requested: self.u8() & 1 != 0,
+                paused: false,
             },
             1 => Repr::ZeroRun {
                 region: self.region(),
@@ -708,12 +709,14 @@ pub fn sample_records() -> Vec<Repr> {
             first: 5,
             count: 2,
             requested: false,
+            paused: false,
         },
         Repr::PageRun {
             region: 3,
             first: 7,
             count: 1,
             requested: true,
+            paused: false,
         },
         Repr::ZeroRun {
             region: 0,
@@ -902,6 +905,7 @@ fn session_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             first,
             count,
             requested: false,
+            paused: false,
         })
     };
     let precopy_head = vec![
@@ -1355,12 +1359,16 @@ impl Gen<'_> {
                 let first = self.first();
                 let count = self.count();
                 match kind {
-                    0 => Repr::PageRun {
-                        region,
-                        first,
-                        count,
-                        requested: self.flag(),
-                    },
+                    0 => {
+                        let f = self.u8();
+                        Repr::PageRun {
+                            region,
+                            first,
+                            count,
+                            requested: f & 1 != 0,
+                            paused: f & 2 != 0,
+                        }
+                    }
                     1 => Repr::ZeroRun {
                         region,
                         first,
@@ -1515,10 +1523,11 @@ impl Put {
                 first,
                 count,
                 requested,
+                paused,
             } => {
                 self.u8(0);
                 self.run(region, first, count);
-                self.u8(u8::from(requested));
+                self.u8(u8::from(requested) | (u8::from(paused) << 1));
             }
             Repr::ZeroRun {
                 region,

@@ -413,3 +413,55 @@ fn a_section_flood_is_refused_at_the_stated_cap() {
     }
     assert_eq!(started, 0);
 }
+
+#[test]
+fn a_bad_checksum_on_a_page_from_the_paused_source_fails_the_migration() {
+    // After the pause a page cannot be torn: a bad checksum is corruption,
+    // never asked for again and never installed silently.
+    let (r, started, _) = destination_against(|ep| {
+        let mut c = link::connect(&ep).expect("connect");
+        c.write_all(&hello_for(8 * MIB, 2)).expect("hello");
+        let mut bulk = link::connect(&ep).expect("bulk");
+        let m = memory(8 * MIB);
+        let neg = Negotiated::new(
+            Ram::from_memory(&m).layout().expect("layout"),
+            Capabilities {
+                postcopy_ram: false,
+                postcopy_only_sections: false,
+                payload_checksums: true,
+                channels: 2,
+            },
+        );
+        let mut enc = ferry_core::wire::StreamEncoder::new(&neg);
+        let page = vec![0x33_u8; 4096];
+        let mut h = [0u8; ferry_core::wire::HEADER_LEN];
+        let run = Repr::PageRun {
+            region: 0,
+            first: 3,
+            count: 1,
+            requested: false,
+            paused: true,
+        };
+        enc.encode_with_crc(&run, ferry_core::wire::payload_crc(&page) ^ 1, &mut h)
+            .expect("encode");
+        bulk.write_all(&h)
+            .and_then(|()| bulk.write_all(&page))
+            .expect("page");
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest);
+    });
+    let e = r.expect_err("corruption");
+    eprintln!("destination: {e}");
+    assert!(
+        matches!(
+            e.kind,
+            DestinationErrorKind::Checksum {
+                region: 0,
+                first: 3,
+                count: 1
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(started, 0);
+}

@@ -549,6 +549,7 @@ fn a_page_still_torn_at_the_end_is_asked_for_again_before_ready() {
             first: page,
             count: 1,
             requested: false,
+            paused: false,
         };
         bulk_enc
             .encode_with_crc(&run, ferry_core::wire::payload_crc(&good) ^ 1, &mut h)

@@ -691,6 +691,7 @@ fn wire_decoder_places_records(kind: Kind, sock: Sock) {
             first,
             count,
             requested: false,
+            paused: false,
         };
         let (o, l) = (first as usize * PAGE, count as usize * PAGE);
         let mut h = [0u8; HEADER_LEN];

@@ -104,7 +104,7 @@ enum State {
 /// let page = [0x5a; 4096];
 /// let mut enc = StreamEncoder::new(&neg);
 /// let mut wire = vec![0; HEADER_LEN];
-/// let run = Repr::PageRun { region: 0, first: 2, count: 1, requested: false };
+/// let run = Repr::PageRun { region: 0, first: 2, count: 1, requested: false, paused: false };
 /// enc.encode(&run, &page, (&mut wire[..]).try_into().unwrap()).unwrap();
 /// wire.extend_from_slice(&page);
 /// let mut end = [0; HEADER_LEN];

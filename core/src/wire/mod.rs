@@ -19,7 +19,7 @@
 //!
 //! | byte | record | `id` | `count` | `first` | payload |
 //! |------|--------|------|---------|---------|---------|
-//! | 0x01 | page run ([`Repr::PageRun`]; flag 0x01 requested) | region | pages | first page | `count * page_size` bytes |
+//! | 0x01 | page run ([`Repr::PageRun`]; flag 0x01 requested, 0x02 read from the paused guest) | region | pages | first page | `count * page_size` bytes |
 //! | 0x02 | zero run | region | pages | first page | none |
 //! | 0x03 | section data (flag 0x01 last chunk) | section | 0 | byte offset | the chunk |
 //! | 0x04 | postcopy-only section chunk (flag 0x01 last) | section | 0 | byte offset | the chunk |

@@ -17,6 +17,9 @@ pub const MAX_SECTION_CHUNK: u32 = 1 << 20;
 pub mod flags {
     /// Page run: sent in answer to a page request (postcopy), not by the bulk scan.
     pub const REQUESTED: u8 = 0x01;
+    /// Page run: read from a paused guest, so it cannot be torn; a bad
+    /// payload checksum is corruption, which fails the migration.
+    pub const PAUSED: u8 = 0x02;
     /// Section data / postcopy-only chunk: the last chunk of this section.
     pub const LAST: u8 = 0x01;
 }
@@ -67,7 +70,7 @@ impl StreamKind {
 
     fn allowed_flags(self) -> u8 {
         match self {
-            StreamKind::PageRun => flags::REQUESTED,
+            StreamKind::PageRun => flags::REQUESTED | flags::PAUSED,
             StreamKind::Section | StreamKind::PostcopySection => flags::LAST,
             _ => 0,
         }
@@ -87,6 +90,8 @@ pub enum Repr {
         count: u32,
         /// Sent in answer to a page request.
         requested: bool,
+        /// Read from the paused guest: cannot be torn.
+        paused: bool,
     },
     /// `count` zero pages; no payload.
     ZeroRun {
@@ -217,8 +222,10 @@ impl Repr {
                 first,
                 count,
                 requested,
+                paused,
             } => (
-                if requested { flags::REQUESTED } else { 0 },
+                (if requested { flags::REQUESTED } else { 0 })
+                    | (if paused { flags::PAUSED } else { 0 }),
                 region,
                 count,
                 first,
@@ -336,6 +343,7 @@ impl Repr {
                 first,
                 count,
                 requested: fl & flags::REQUESTED != 0,
+                paused: fl & flags::PAUSED != 0,
             },
             StreamKind::ZeroRun => Repr::ZeroRun {
                 region: id,

@@ -152,6 +152,8 @@ impl<S: GuestStarter> Control<'_, '_, '_, S> {
                 self.session.handle_timeout(monotonic_ns());
                 return Err(session_failed(&self.session, "control"));
             }
+            // A bulk receiver failed and shut the sockets: its cause counts.
+            Ok(None) | Err(_) if self.watch.bulk_failed() => return Err(self.bulk_failure()),
             Err(source) => {
                 return Err(DestinationErrorKind::Transport {
                     channel: "control".into(),
@@ -370,6 +372,34 @@ impl<S: GuestStarter> Control<'_, '_, '_, S> {
         }
         flush_session(&mut self.session, self.ret)?;
         Ok(())
+    }
+
+    /// A bulk receiver failed: the first error that says why (the others
+    /// only saw their sockets shut).
+    fn bulk_failure(&mut self) -> DestinationErrorKind {
+        let mut errors = Vec::new();
+        for h in self.bulk.take().unwrap_or_default() {
+            match h.join() {
+                Ok(Err(e)) => errors.push(e),
+                Ok(Ok(_)) => {}
+                Err(_) => errors.push(DestinationErrorKind::Thread(
+                    "a receiver thread panicked".into(),
+                )),
+            }
+        }
+        let telling = errors.iter().position(|e| {
+            !matches!(
+                e,
+                DestinationErrorKind::Transport { .. } | DestinationErrorKind::Truncated(_)
+            )
+        });
+        match telling {
+            Some(i) => errors.swap_remove(i),
+            None => errors
+                .into_iter()
+                .next()
+                .unwrap_or(DestinationErrorKind::ReceiverStopped),
+        }
     }
 
     /// Joins the bulk receivers, adding up what they received.

@@ -411,6 +411,9 @@ fn apply_page_record(
     stats: &mut RecvStats,
     strict: bool,
 ) -> Result<(), DestinationErrorKind> {
+    // A page read from the paused source cannot be torn: a bad checksum is
+    // corruption, and fails the migration.
+    let strict = strict || matches!(rec.repr, Repr::PageRun { paused: true, .. });
     match rec.repr {
         Repr::PageRun {
             region,
@@ -575,6 +578,9 @@ fn install_placed(
     via: Via,
     strict: bool,
 ) -> Result<(), DestinationErrorKind> {
+    // A page read from the paused source cannot be torn: a bad checksum is
+    // corruption, and fails the migration.
+    let strict = strict || matches!(rec.repr, Repr::PageRun { paused: true, .. });
     let Repr::PageRun {
         region,
         first,
@@ -657,6 +663,9 @@ fn install_buffered(
     via: Via,
     strict: bool,
 ) -> Result<(), DestinationErrorKind> {
+    // A page read from the paused source cannot be torn: a bad checksum is
+    // corruption, and fails the migration.
+    let strict = strict || matches!(rec.repr, Repr::PageRun { paused: true, .. });
     match rec.repr {
         Repr::PageRun {
             region,
@@ -1086,6 +1095,8 @@ struct Watch {
     activity: AtomicU64,
     fired: AtomicBool,
     done: AtomicBool,
+    /// A bulk receiver failed: the control thread must stop and say why.
+    bulk_failed: AtomicBool,
 }
 
 impl Watch {
@@ -1096,6 +1107,7 @@ impl Watch {
             activity: AtomicU64::new(now),
             fired: AtomicBool::new(false),
             done: AtomicBool::new(false),
+            bulk_failed: AtomicBool::new(false),
         }
     }
 
@@ -1109,6 +1121,10 @@ impl Watch {
 
     fn fired(&self) -> bool {
         self.fired.load(Ordering::Acquire)
+    }
+
+    fn bulk_failed(&self) -> bool {
+        self.bulk_failed.load(Ordering::Acquire)
     }
 
     fn publish(&self, session: &DestinationSession) {
@@ -1358,6 +1374,7 @@ fn receive_inner<S: GuestStarter>(
     let mut watched = wake_fds.clone();
     watched.push(chans.ctl.stream().fd());
     watched.extend(chans.urgent.as_ref().map(conn_fd));
+    let all_fds = watched.clone();
     let urgent_fd = chans.urgent.as_ref().map(conn_fd);
     let urgent_writer = match chans.urgent.as_ref().map(|c| c.try_clone()) {
         Some(Ok(w)) => Some(ReturnWriter::new(w)),
@@ -1374,11 +1391,15 @@ fn receive_inner<S: GuestStarter>(
         let mut handles = Vec::with_capacity(n_bulk);
         for (i, chan) in chans.bulk.into_iter().enumerate() {
             let (neg, torn, ret, inst, watch) = (&neg, &torn, &ret, inst.as_deref(), &watch);
-            let notes = notes_tx.clone();
+            let (notes, all_fds) = (notes_tx.clone(), &all_fds);
             handles.push(scope.spawn(move || {
                 let r = bulk_thread(i, chan, ram, neg, torn, ret, inst, &notes, watch);
                 if r.is_err() {
+                    // The control thread learns at once, not at the end
+                    // of the stream, and every other receiver stops.
                     let _ = notes.send(BulkNote::Failed);
+                    watch.bulk_failed.store(true, Ordering::Release);
+                    all_fds.iter().copied().for_each(wake);
                 }
                 r
             }));

@@ -179,6 +179,9 @@ struct PageWork {
     count: u32,
     /// First pass: check for zero pages and send them as zero runs.
     detect_zero: bool,
+    /// Read from the paused guest: the destination treats a bad checksum
+    /// as corruption, not as a torn page.
+    paused: bool,
 }
 
 enum Job {
@@ -746,6 +749,7 @@ impl<'r, 'm> Source<'r, 'm> {
                                 first,
                                 count,
                                 requested: false,
+                                paused: true,
                             },
                             bytes,
                             &mut header,
@@ -784,6 +788,7 @@ fn dispatch(
     jobs: &[SyncSender<Job>],
     max_run: u32,
     detect_zero: bool,
+    paused: bool,
 ) -> Result<u64, SourceError> {
     let n = jobs.len();
     let mut batches: Vec<Vec<PageWork>> = (0..n).map(|_| Vec::with_capacity(BATCH)).collect();
@@ -816,6 +821,7 @@ fn dispatch(
                         first,
                         count: count as u32,
                         detect_zero,
+                        paused,
                     });
                     batch_bytes[ch] += count * PAGE_SIZE;
                     if batches[ch].len() >= BATCH || batch_bytes[ch] >= BATCH_BYTES {
@@ -957,7 +963,7 @@ fn stream_background(
             step[r][at..end].copy_from_slice(src);
             src.fill(0);
             // `dispatch` clears what it hands out.
-            dispatch(None, &mut step, pages, jobs, max_run, false)?;
+            dispatch(None, &mut step, pages, jobs, max_run, false, true)?;
             if last.elapsed() >= Duration::from_millis(100) {
                 progress(done);
                 last = Instant::now();
@@ -1027,6 +1033,7 @@ fn urgent_server(
                 first,
                 count,
                 detect_zero: false,
+                paused: true,
             };
             if jobs[ch].send(Job::Requested(work)).is_ok() {
                 continue;
@@ -1047,6 +1054,7 @@ fn urgent_server(
                 first,
                 count,
                 requested: true,
+                paused: true,
             },
             bytes,
             &mut header,

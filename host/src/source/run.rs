@@ -291,6 +291,7 @@ impl<'r, 'm> Source<'r, 'm> {
             jobs,
             st.max_run,
             round == 0,
+            false,
         )?;
         flush_all(jobs)?;
         if round == 0 && self.config.postcopy_after_first_pass {
@@ -484,6 +485,7 @@ impl<'r, 'm> Source<'r, 'm> {
             senders.jobs(),
             st.max_run,
             false,
+            true,
         )
         .and_then(|_| {
             senders

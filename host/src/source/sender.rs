@@ -149,7 +149,7 @@ impl Sender<'_, '_> {
                 return Err(self.fail("page run", &format!("unknown region {}", w.region)));
             };
             if !w.detect_zero {
-                self.push_run(&region, w.first, w.count, false, requested)?;
+                self.push_run(&region, w.first, w.count, false, requested, w.paused)?;
                 continue;
             }
             // Split the run into runs of zero and non-zero pages.
@@ -160,7 +160,14 @@ impl Sender<'_, '_> {
                 while stop < end && region.page_is_zero(stop) == zero {
                     stop += 1;
                 }
-                self.push_run(&region, start, (stop - start) as u32, zero, requested)?;
+                self.push_run(
+                    &region,
+                    start,
+                    (stop - start) as u32,
+                    zero,
+                    requested,
+                    w.paused,
+                )?;
                 start = stop;
             }
         }
@@ -185,6 +192,7 @@ impl Sender<'_, '_> {
         count: u32,
         zero: bool,
         requested: bool,
+        paused: bool,
     ) -> Result<(), String> {
         if zero {
             let header = self.header(&Repr::ZeroRun {
@@ -215,6 +223,7 @@ impl Sender<'_, '_> {
                     first,
                     count,
                     requested,
+                    paused,
                 },
                 crc,
                 &mut header,
