@@ -263,8 +263,9 @@ impl DestinationErrorKind {
 }
 
 /// What arrived: pages received torn that wait for an intact copy, and
-/// every page that arrived intact (or as a zero run) at least once, so that
-/// *ready* is answered only when the whole layout is here.
+/// every page of which a copy arrived at least once (intact, torn, or as a
+/// zero run), so that *ready* is answered only when the whole layout is here
+/// and nothing is still torn.
 #[derive(Debug, Default)]
 struct Torn {
     pages: Mutex<BTreeSet<(u16, u64)>>,
@@ -334,6 +335,9 @@ impl Torn {
     }
 
     fn add(&self, region: u16, first: u64, count: u32) {
+        // A torn copy arrived: the page is not missing but torn, and *ready*
+        // waits (bounded) for its intact copy.
+        self.arrive(region, first, count);
         if let Ok(mut p) = self.pages.lock() {
             for pg in first..first + u64::from(count) {
                 p.insert((region, pg));
