@@ -95,8 +95,8 @@ pub enum LinkError {
         detail: u64,
     },
     /// The peer sent a record that makes no sense at this point.
-    #[error("the peer sent an unexpected record during the handshake: {0}")]
-    Unexpected(String),
+    #[error("the peer sent an unexpected record during the handshake: {0:?}")]
+    Unexpected(ReturnRepr),
     /// A return-path record did not decode.
     #[error("the return path is corrupt: {0}")]
     Decode(wire::DecodeError),
@@ -548,7 +548,7 @@ pub fn source_handshake(
     match rec.repr {
         accept @ ReturnRepr::Accept { .. } => Ok((neg, dec, accept)),
         ReturnRepr::Error { code, detail } => Err(LinkError::Refused { code, detail }),
-        other => Err(LinkError::Unexpected(format!("{other:?}"))),
+        other => Err(LinkError::Unexpected(other)),
     }
 }
 
@@ -719,7 +719,27 @@ pub enum ReturnMsg {
     Record(ReturnRepr),
     /// The return path ended: the connection closed or broke, or the bytes
     /// did not decode. Nothing more follows.
-    Closed(String),
+    Closed(ReturnPathEnd),
+}
+
+/// Why the source's return path ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ReturnPathEnd {
+    /// The destination closed the connection.
+    #[error("the destination closed the connection")]
+    Closed,
+    /// The connection failed.
+    #[error("the return path failed: {0}")]
+    Failed(io::Error),
+    /// The bytes did not decode.
+    #[error("the return path is corrupt: {0}")]
+    Corrupt(wire::DecodeError),
+    /// The reader thread could not start.
+    #[error("could not start the return-path reader: {0}")]
+    NoReader(io::Error),
+    /// The reader is gone.
+    #[error("the return path ended")]
+    Ended,
 }
 
 /// Starts a thread that reads the return path on `conn` and forwards each
@@ -740,17 +760,15 @@ pub fn spawn_return_reader(
                 }
                 Err(ReturnReadError::Io(e)) => {
                     let why = if e.kind() == io::ErrorKind::UnexpectedEof {
-                        "the destination closed the connection".to_string()
+                        ReturnPathEnd::Closed
                     } else {
-                        format!("the return path failed: {e}")
+                        ReturnPathEnd::Failed(e)
                     };
                     let _ = tx.send(ReturnMsg::Closed(why));
                     return;
                 }
                 Err(ReturnReadError::Decode(e)) => {
-                    let _ = tx.send(ReturnMsg::Closed(format!(
-                        "the return path is corrupt: {e}"
-                    )));
+                    let _ = tx.send(ReturnMsg::Closed(ReturnPathEnd::Corrupt(e)));
                     return;
                 }
             }
@@ -760,9 +778,7 @@ pub fn spawn_return_reader(
         Err(e) => {
             // No thread: hand back a receiver that reports why at once.
             let (tx, rx) = mpsc::channel();
-            let _ = tx.send(ReturnMsg::Closed(format!(
-                "could not start the return-path reader: {e}"
-            )));
+            let _ = tx.send(ReturnMsg::Closed(ReturnPathEnd::NoReader(e)));
             (rx, std::thread::spawn(|| {}))
         }
     }

@@ -15,7 +15,7 @@ use super::{
     flush_session, receive_resent, session_failed, BulkNote, DestinationConfig,
     DestinationErrorKind, RecvStats, Torn, UrgentRequests, Watch,
 };
-use crate::link::{ReturnWriter, WireDecoder};
+use crate::link::{ChannelRole, ReturnWriter, WireDecoder};
 use crate::migration::{monotonic_ns, DestinationReport, DeviceSection, GuestStarter};
 use crate::postcopy::{FaultService, PageInstaller, PostcopyMode, Uffd};
 use crate::ram::Ram;
@@ -150,17 +150,17 @@ impl<S: GuestStarter> Control<'_, '_, '_, S> {
                 // The watchdog woke us: the session says which wait ran out.
                 self.session.note_activity(self.watch.activity());
                 self.session.handle_timeout(monotonic_ns());
-                return Err(session_failed(&self.session, "control"));
+                return Err(session_failed(&self.session));
             }
             // A bulk receiver failed and shut the sockets: its cause counts.
             Ok(None) | Err(_) if self.watch.bulk_failed() => return Err(self.bulk_failure()),
             Err(source) => {
                 return Err(DestinationErrorKind::Transport {
-                    channel: "control".into(),
+                    channel: ChannelRole::Control,
                     source,
                 })
             }
-            Ok(None) => return Err(DestinationErrorKind::Truncated("control".into())),
+            Ok(None) => return Err(DestinationErrorKind::Truncated(ChannelRole::Control)),
         };
         let now = monotonic_ns();
         self.watch.touch(now);
@@ -169,7 +169,7 @@ impl<S: GuestStarter> Control<'_, '_, '_, S> {
         let rec = self.dec.last().ok_or(DestinationErrorKind::DecoderLost)?;
         self.session.note_activity(self.watch.activity());
         if self.session.handle_record(now, &rec.repr).is_err() {
-            return Err(session_failed(&self.session, "control"));
+            return Err(session_failed(&self.session));
         }
         Ok((rec, len))
     }
@@ -215,8 +215,8 @@ impl<S: GuestStarter> Control<'_, '_, '_, S> {
             Repr::End => return self.end_of_postcopy().map(Some),
             other => {
                 return Err(DestinationErrorKind::Unexpected {
-                    channel: "control".into(),
-                    record: format!("{other:?}"),
+                    channel: ChannelRole::Control,
+                    record: other,
                 })
             }
         }
@@ -242,10 +242,7 @@ impl<S: GuestStarter> Control<'_, '_, '_, S> {
     /// serving faults.
     fn arm_postcopy_ram(&mut self) -> Result<(), DestinationErrorKind> {
         let (Some(inst), Some(writer)) = (self.inst.clone(), self.urgent_writer.clone()) else {
-            return Err(DestinationErrorKind::Unexpected {
-                channel: "control".into(),
-                record: "postcopy of RAM without the postcopy-ram capability".into(),
-            });
+            return Err(DestinationErrorKind::PostcopyNotNegotiated);
         };
         for _ in 0..self.n_bulk {
             match self.notes.recv() {
@@ -278,7 +275,7 @@ impl<S: GuestStarter> Control<'_, '_, '_, S> {
         self.report.resumed_at_ns = monotonic_ns();
         self.report.sections = self.sections.map.len() as u32;
         if self.session.guest_started(monotonic_ns()).is_err() {
-            return Err(session_failed(&self.session, "control"));
+            return Err(session_failed(&self.session));
         }
         flush_session(&mut self.session, self.ret)?;
         if self.session.mode() != SessionMode::Precopy {
@@ -307,7 +304,7 @@ impl<S: GuestStarter> Control<'_, '_, '_, S> {
             .map_err(DestinationErrorKind::Start)?;
         self.finished.store(true, Ordering::Release);
         if self.session.postcopy_complete(monotonic_ns()).is_err() {
-            return Err(session_failed(&self.session, "control"));
+            return Err(session_failed(&self.session));
         }
         flush_session(&mut self.session, self.ret)?;
         let mut pc = self.inst.as_deref().map(|i| i.report()).unwrap_or_default();
@@ -368,7 +365,7 @@ impl<S: GuestStarter> Control<'_, '_, '_, S> {
             .handle_completeness(monotonic_ns(), complete)
             .is_err()
         {
-            return Err(session_failed(&self.session, "control"));
+            return Err(session_failed(&self.session));
         }
         flush_session(&mut self.session, self.ret)?;
         Ok(())
@@ -382,9 +379,7 @@ impl<S: GuestStarter> Control<'_, '_, '_, S> {
             match h.join() {
                 Ok(Err(e)) => errors.push(e),
                 Ok(Ok(_)) => {}
-                Err(_) => errors.push(DestinationErrorKind::Thread(
-                    "a receiver thread panicked".into(),
-                )),
+                Err(_) => errors.push(DestinationErrorKind::ReceiverPanicked),
             }
         }
         let telling = errors.iter().position(|e| {
@@ -407,7 +402,7 @@ impl<S: GuestStarter> Control<'_, '_, '_, S> {
         for h in self.bulk.take().unwrap_or_default() {
             let s = h
                 .join()
-                .map_err(|_| DestinationErrorKind::Thread("a receiver thread panicked".into()))??;
+                .map_err(|_| DestinationErrorKind::ReceiverPanicked)??;
             self.stats.bytes += s.bytes;
             self.stats.pages += s.pages;
             self.stats.zero_pages += s.zero_pages;

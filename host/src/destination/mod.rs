@@ -151,21 +151,53 @@ pub enum DestinationErrorKind {
     #[error("the {channel} channel failed: {source}")]
     Transport {
         /// Which channel.
-        channel: String,
+        channel: ChannelRole,
         /// What the transport said.
         source: ferry_uring::Error,
     },
     /// The source closed a connection before the end of its stream.
     #[error("the source closed the {0} channel before the end of the stream")]
-    Truncated(String),
+    Truncated(ChannelRole),
     /// A record arrived where it makes no sense.
-    #[error("the {channel} channel carried an unexpected {record}")]
+    #[error("the {channel} channel carried a record it may not carry: {record:?}")]
     Unexpected {
         /// Which channel.
-        channel: String,
+        channel: ChannelRole,
         /// The record.
-        record: String,
+        record: Repr,
     },
+    /// A record named pages outside the guest RAM.
+    #[error("the {channel} channel carried pages {first}..{} of region {region}, outside the guest RAM", first.saturating_add(u64::from(*count)))]
+    OutOfRange {
+        /// Which channel.
+        channel: ChannelRole,
+        /// Region id.
+        region: u16,
+        /// First page.
+        first: u64,
+        /// Pages.
+        count: u32,
+    },
+    /// A header on the urgent channel did not decode.
+    #[error("the {channel} channel carried a header that did not decode: {source}")]
+    Decode {
+        /// Which channel.
+        channel: ChannelRole,
+        /// Why.
+        source: WireDecodeError,
+    },
+    /// The source switched RAM to postcopy without the capability.
+    #[error("the source started postcopy of RAM without the postcopy-ram capability")]
+    PostcopyNotNegotiated,
+    /// The session refused an input without failing (it had completed).
+    #[error("the migration had already completed here when the {state} refused another record")]
+    Refused {
+        /// Where the protocol stood.
+        state: &'static str,
+    },
+    /// A receiver thread panicked.
+    #[error("a receiver thread panicked")]
+    ReceiverPanicked,
     /// A page arrived torn after the source had stopped.
     #[error("pages {first}..{} of region {region} failed their checksum after the source stopped", first + u64::from(*count))]
     Checksum {
@@ -240,6 +272,10 @@ impl DestinationErrorKind {
                 ErrorCode::Io
             }
             DestinationErrorKind::Unexpected { .. }
+            | DestinationErrorKind::OutOfRange { .. }
+            | DestinationErrorKind::Decode { .. }
+            | DestinationErrorKind::PostcopyNotNegotiated
+            | DestinationErrorKind::Refused { .. }
             | DestinationErrorKind::Section { .. }
             | DestinationErrorKind::SectionIncomplete { .. } => ErrorCode::Protocol,
             DestinationErrorKind::SectionChecksum { .. } => ErrorCode::Checksum,
@@ -248,6 +284,7 @@ impl DestinationErrorKind {
             | DestinationErrorKind::ReceiverStopped => ErrorCode::Internal,
             DestinationErrorKind::Checksum { .. } => ErrorCode::Checksum,
             DestinationErrorKind::Start(_)
+            | DestinationErrorKind::ReceiverPanicked
             | DestinationErrorKind::Thread(_)
             | DestinationErrorKind::Postcopy(_) => ErrorCode::Internal,
             DestinationErrorKind::PostcopyLost { .. } => ErrorCode::Io,
@@ -427,21 +464,18 @@ fn apply_page_record(
         } => {
             stats.pages += u64::from(count);
             if neg.caps.payload_checksums {
-                let r = ram
-                    .region(region)
-                    .ok_or_else(|| DestinationErrorKind::Unexpected {
-                        channel: "bulk".into(),
-                        record: format!("page run of unknown region {region}"),
-                    })?;
+                let out_of_range = || DestinationErrorKind::OutOfRange {
+                    channel: ChannelRole::Bulk(0),
+                    region,
+                    first,
+                    count,
+                };
+                let r = ram.region(region).ok_or_else(out_of_range)?;
                 // SAFETY: the transport finished writing these pages; nothing
                 // else writes them while this slice lives (a page lives on one
                 // channel only, and the guest is not running).
-                let bytes = unsafe { r.pages_slice(first, u64::from(count)) }.ok_or_else(|| {
-                    DestinationErrorKind::Unexpected {
-                        channel: "bulk".into(),
-                        record: format!("page run {first}+{count} outside region {region}"),
-                    }
-                })?;
+                let bytes =
+                    unsafe { r.pages_slice(first, u64::from(count)) }.ok_or_else(out_of_range)?;
                 if wire::payload_crc(bytes) != rec.payload_crc {
                     if strict {
                         return Err(DestinationErrorKind::Checksum {
@@ -470,21 +504,19 @@ fn apply_page_record(
             first,
             count,
         } => {
-            let r = ram
-                .region(region)
-                .ok_or_else(|| DestinationErrorKind::Unexpected {
-                    channel: "bulk".into(),
-                    record: format!("zero run of unknown region {region}"),
-                })?;
+            let out_of_range = || DestinationErrorKind::OutOfRange {
+                channel: ChannelRole::Bulk(0),
+                region,
+                first,
+                count,
+            };
+            let r = ram.region(region).ok_or_else(out_of_range)?;
             // SAFETY: precopy records are applied before *go*, while the
             // guest here is not running, and pages reach guest RAM only from
             // the one channel their stripe belongs to, so nothing else touches
             // these pages during the write.
             if !unsafe { r.zero_pages(first, u64::from(count)) } {
-                return Err(DestinationErrorKind::Unexpected {
-                    channel: "bulk".into(),
-                    record: format!("zero run {first}+{count} outside region {region}"),
-                });
+                return Err(out_of_range());
             }
             stats.zero_pages += u64::from(count);
             torn.heal(region, first, count);
@@ -593,8 +625,8 @@ fn install_placed(
     } = rec.repr
     else {
         return Err(DestinationErrorKind::Unexpected {
-            channel: "bulk".into(),
-            record: format!("{:?} where a page run was expected", rec.repr),
+            channel: ChannelRole::Bulk(0),
+            record: rec.repr,
         });
     };
     let n = u64::from(count);
@@ -719,8 +751,8 @@ fn install_buffered(
         } => {
             if inst.is_armed() {
                 return Err(DestinationErrorKind::Unexpected {
-                    channel: "bulk".into(),
-                    record: format!("discard of pages {first}+{count} after switchover"),
+                    channel: ChannelRole::Bulk(0),
+                    record: rec.repr,
                 });
             }
             inst.discard(region, first, u64::from(count))?;
@@ -743,7 +775,7 @@ fn bulk_thread(
     notes: &mpsc::Sender<BulkNote>,
     watch: &Watch,
 ) -> Result<RecvStats, DestinationErrorKind> {
-    let name = format!("bulk {index}");
+    let name = ChannelRole::Bulk(index);
     let mut stats = RecvStats::default();
     let (mut dec, mut buf) = match inst {
         Some(i) if i.in_place() => (
@@ -763,7 +795,7 @@ fn bulk_thread(
         let got =
             chan.recv(&mut dec, &mut buf)
                 .map_err(|source| DestinationErrorKind::Transport {
-                    channel: name.clone(),
+                    channel: name,
                     source,
                 })?;
         let Some(got) = got else {
@@ -773,9 +805,7 @@ fn bulk_thread(
         let len = got.placement.len();
         stats.bytes += len + wire::HEADER_LEN as u64;
         let Some(rec) = dec.last() else {
-            return Err(DestinationErrorKind::Thread(
-                "the decoder lost its record".into(),
-            ));
+            return Err(DestinationErrorKind::DecoderLost);
         };
         match (rec.repr, inst) {
             (Repr::PageRun { .. }, Some(inst)) if inst.in_place() => {
@@ -818,7 +848,7 @@ fn bulk_thread(
             (other, _) => {
                 return Err(DestinationErrorKind::Unexpected {
                     channel: name,
-                    record: format!("{other:?}"),
+                    record: other,
                 })
             }
         }
@@ -898,9 +928,9 @@ fn urgent_thread(
         };
         let placement = dec
             .place(&hdr)
-            .map_err(|e| DestinationErrorKind::Unexpected {
-                channel: "urgent".into(),
-                record: e.to_string(),
+            .map_err(|source| DestinationErrorKind::Decode {
+                channel: ChannelRole::Urgent,
+                source,
             })?;
         let rec = dec.last().ok_or(DestinationErrorKind::DecoderLost)?;
         let Repr::PageRun {
@@ -911,8 +941,8 @@ fn urgent_thread(
         } = rec.repr
         else {
             return Err(DestinationErrorKind::Unexpected {
-                channel: "urgent".into(),
-                record: format!("{:?}", rec.repr),
+                channel: ChannelRole::Urgent,
+                record: rec.repr,
             });
         };
         let len = placement.len() as usize;
@@ -1168,15 +1198,11 @@ impl Watch {
 }
 
 /// The error for a session that failed (or refused an input).
-fn session_failed(session: &DestinationSession, channel: &str) -> DestinationErrorKind {
+fn session_failed(session: &DestinationSession) -> DestinationErrorKind {
     match session.failure() {
         Some(e) => DestinationErrorKind::Session(e),
-        None => DestinationErrorKind::Unexpected {
-            channel: channel.into(),
-            record: format!(
-                "an input the session refused in state {}",
-                session.phase_name()
-            ),
+        None => DestinationErrorKind::Refused {
+            state: session.phase_name(),
         },
     }
 }
@@ -1224,9 +1250,11 @@ fn receive_resent(
             .region(region)
             .is_some_and(|r| unsafe { r.write_pages(first, u64::from(count), payload) });
         if !placed {
-            return Err(DestinationErrorKind::Unexpected {
-                channel: "control".into(),
-                record: format!("page run {first}+{count} outside region {region}"),
+            return Err(DestinationErrorKind::OutOfRange {
+                channel: ChannelRole::Control,
+                region,
+                first,
+                count,
             });
         }
     }
@@ -1299,7 +1327,7 @@ fn open_channels(
         (true, None) => Vec::new(),
     };
     let transport_err =
-        |channel: String| move |source| DestinationErrorKind::Transport { channel, source };
+        |channel: ChannelRole| move |source| DestinationErrorKind::Transport { channel, source };
     // The control channel carries headers, device state and (rare) resent
     // pages, all received into a buffer: it registers no guest RAM, which
     // saves pinning it once more before the first page can arrive.
@@ -1308,7 +1336,7 @@ fn open_channels(
         source,
     })?;
     let ctl = AnyChannel::new(dup, &[], config.transport, &probe)
-        .map_err(transport_err("control".into()))?;
+        .map_err(transport_err(ChannelRole::Control))?;
     let extra = if postcopy_ram { 2 } else { 1 };
     let n_bulk = usize::from(neg.caps.channels.saturating_sub(extra)).max(1);
     let mut bulk = Vec::with_capacity(n_bulk);
@@ -1316,7 +1344,7 @@ fn open_channels(
         let c = listener.accept(ChannelRole::Bulk(i))?;
         bulk.push(
             AnyChannel::new(c, &regions, config.transport, &probe)
-                .map_err(transport_err(format!("bulk {i}")))?,
+                .map_err(transport_err(ChannelRole::Bulk(i)))?,
         );
     }
     let urgent = if postcopy_ram {

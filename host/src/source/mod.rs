@@ -45,7 +45,7 @@ use ferry_core::wire::{
 use ferry_uring::{share_out, AnyChannel, Channel, OutRecord, Payload, ProbeReport, Transport};
 
 use crate::dirty::{DirtyError, DirtyTracker};
-use crate::link::{self, ChannelRole, Connector, Endpoint, LinkError, ReturnMsg};
+use crate::link::{self, ChannelRole, Connector, Endpoint, LinkError, ReturnMsg, ReturnPathEnd};
 use crate::migration::{CallbackError, Event, GuestControl, SourceConfig, SourceReport};
 use crate::ram::{Ram, RamRegion, PAGE_SIZE};
 
@@ -89,9 +89,29 @@ pub enum SourceError {
         /// Its error.
         source: CallbackError,
     },
-    /// The destination reported an error or went away.
-    #[error("the destination failed: {0}")]
-    Destination(String),
+    /// The destination went away: its return path closed, broke or carried
+    /// bytes that did not decode.
+    #[error("the destination went away: {0}")]
+    ReturnPath(crate::link::ReturnPathEnd),
+    /// The guest RAM does not make a valid wire layout.
+    #[error("the guest RAM layout is invalid: {0}")]
+    Layout(ferry_core::wire::LayoutError),
+    /// The destination asked for pages outside the guest RAM.
+    #[error("the destination asked for pages {first}..{} of region {region}, outside the guest RAM", first.saturating_add(u64::from(*count)))]
+    ResendOutOfRange {
+        /// Region id.
+        region: u16,
+        /// First page.
+        first: u64,
+        /// Pages.
+        count: u32,
+    },
+    /// A sender thread stopped taking work (its own error says why).
+    #[error("a sender thread stopped early")]
+    SenderStopped,
+    /// Duplicating the urgent socket failed.
+    #[error("could not duplicate the urgent socket: {0}")]
+    UrgentSocket(std::io::Error),
     /// The migration did not converge in the time allowed.
     #[error(
         "the migration is not converging: after {elapsed_s:.1} s and {rounds} rounds, {pending} bytes are still pending against a threshold of {threshold} bytes (the guest dirties {dirty_rate} B/s, the link carries {bandwidth} B/s); the guest keeps running on the source"
@@ -123,7 +143,7 @@ pub enum SourceError {
     #[error("go was sent but the destination did not confirm that the guest started ({why}); the guest stays paused here with all its state: resume it here only if the destination did not start it, otherwise discard it")]
     GoUnconfirmed {
         /// What happened instead of *started*.
-        why: String,
+        why: Unconfirmed,
     },
     /// A dirty bitmap did not fit its region (a bug).
     #[error("a dirty bitmap does not fit its region: {0}")]
@@ -141,7 +161,7 @@ pub enum SourceError {
     /// the source; whether the destination runs it is for the destination's
     /// report to say.
     #[error("the connection failed after go was sent ({0}); the guest stays paused here: check whether the destination received go before resuming anything")]
-    AfterGo(String),
+    AfterGo(Box<SourceError>),
     /// A sender thread died.
     #[error("a sender thread failed: {0}")]
     Thread(String),
@@ -151,13 +171,31 @@ pub enum SourceError {
     #[error("the connection was lost during postcopy ({why}); {pages_left} pages were left to stream when postcopy started: the guest runs on the destination and waits there for its missing pages, this side keeps every page and its guest stays paused — do not resume it here")]
     PostcopyInterrupted {
         /// What failed.
-        why: String,
+        why: Box<SourceError>,
         /// Pages left to stream when postcopy started.
         pages_left: u64,
     },
     /// Encoding a record failed (a bug).
     #[error("could not encode a record: {0}")]
     Emit(wire::EmitError),
+}
+
+/// What happened instead of *started*, after *go* was sent.
+#[derive(Debug, thiserror::Error)]
+pub enum Unconfirmed {
+    /// The session failed: a bound ran out, or the destination reported an
+    /// error or broke the protocol.
+    #[error("{0}")]
+    Session(SessionError),
+    /// The destination went away.
+    #[error("{0}")]
+    ReturnPath(crate::link::ReturnPathEnd),
+    /// The protocol did not reach completion.
+    #[error("the protocol stands at {phase}, not completed")]
+    NotCompleted {
+        /// Where it stands.
+        phase: &'static str,
+    },
 }
 
 /// How the source connects.
@@ -401,9 +439,7 @@ impl<'r, 'm> Source<'r, 'm> {
     ) -> Result<Self, SourceError> {
         let started = Instant::now();
         let n_bulk = bulk_channels.max(1);
-        let layout = ram.layout().map_err(|e| {
-            SourceError::Destination(format!("the guest RAM layout is invalid: {e:?}"))
-        })?;
+        let layout = ram.layout().map_err(SourceError::Layout)?;
         let extra = if config.offer_postcopy_ram { 2 } else { 1 };
         let caps = Capabilities {
             postcopy_ram: config.offer_postcopy_ram,
@@ -491,10 +527,22 @@ impl<'r, 'm> Source<'r, 'm> {
     fn session_error(&self, e: SessionError) -> SourceError {
         if e.custody == Custody::Holds {
             SourceError::GoUnconfirmed {
-                why: e.failure.to_string(),
+                why: Unconfirmed::Session(e),
             }
         } else {
             SourceError::Session(e)
+        }
+    }
+
+    /// The return path ended: the session fails, and where the guest is
+    /// decides the error.
+    fn return_path_ended(&mut self, why: ReturnPathEnd) -> SourceError {
+        self.session.link_failed(self.elapsed_ns());
+        match self.session.custody() {
+            Custody::Holds => SourceError::GoUnconfirmed {
+                why: Unconfirmed::ReturnPath(why),
+            },
+            _ => SourceError::ReturnPath(why),
         }
     }
 
@@ -575,11 +623,11 @@ impl<'r, 'm> Source<'r, 'm> {
                 Ok(ReturnMsg::Record(r)) => self.apply_return(r, bitmaps, report)?,
                 Ok(ReturnMsg::Closed(why)) => {
                     self.session.link_failed(self.elapsed_ns());
-                    return Err(SourceError::Destination(why));
+                    return Err(SourceError::ReturnPath(why));
                 }
                 Err(mpsc::TryRecvError::Empty) => return Ok(()),
                 Err(mpsc::TryRecvError::Disconnected) => {
-                    return Err(SourceError::Destination("the return path ended".into()))
+                    return Err(SourceError::ReturnPath(ReturnPathEnd::Ended))
                 }
             }
         }
@@ -603,14 +651,15 @@ impl<'r, 'm> Source<'r, 'm> {
                 first,
                 count,
             } => {
-                let words = bitmaps.get_mut(usize::from(region)).ok_or_else(|| {
-                    SourceError::Destination(format!(
-                        "asked to resend pages of unknown region {region}"
-                    ))
-                })?;
+                let out_of_range = SourceError::ResendOutOfRange {
+                    region,
+                    first,
+                    count,
+                };
+                let words = bitmaps.get_mut(usize::from(region)).ok_or(out_of_range)?;
                 let pages = self.ram.region(region).map(|r| r.pages()).unwrap_or(0);
-                let mut bm = DirtyBitmap::new(words, pages as usize)
-                    .map_err(|e| SourceError::Destination(format!("{e:?}")))?;
+                let mut bm =
+                    DirtyBitmap::new(words, pages as usize).map_err(SourceError::Bitmap)?;
                 let end = first.saturating_add(u64::from(count)).min(pages);
                 if first < end {
                     let _ = bm.set_range(first as usize..end as usize);
@@ -634,7 +683,7 @@ impl<'r, 'm> Source<'r, 'm> {
                 Ok(m) => Some(m),
                 Err(mpsc::TryRecvError::Empty) => None,
                 Err(mpsc::TryRecvError::Disconnected) => {
-                    Some(ReturnMsg::Closed("the return path ended".to_string()))
+                    Some(ReturnMsg::Closed(ReturnPathEnd::Ended))
                 }
             };
             let now = self.elapsed_ns();
@@ -657,20 +706,9 @@ impl<'r, 'm> Source<'r, 'm> {
             match msg {
                 Ok(ReturnMsg::Record(r)) => return Ok(r),
                 Err(RecvTimeoutError::Timeout) => continue,
-                Ok(ReturnMsg::Closed(why)) => {
-                    self.session.link_failed(self.elapsed_ns());
-                    return Err(match self.session.custody() {
-                        Custody::Holds => SourceError::GoUnconfirmed { why },
-                        _ => SourceError::Destination(why),
-                    });
-                }
+                Ok(ReturnMsg::Closed(why)) => return Err(self.return_path_ended(why)),
                 Err(RecvTimeoutError::Disconnected) => {
-                    self.session.link_failed(self.elapsed_ns());
-                    let why = "the return path ended".to_string();
-                    return Err(match self.session.custody() {
-                        Custody::Holds => SourceError::GoUnconfirmed { why },
-                        _ => SourceError::Destination(why),
-                    });
+                    return Err(self.return_path_ended(ReturnPathEnd::Ended))
                 }
             }
         }
@@ -685,7 +723,7 @@ impl<'r, 'm> Source<'r, 'm> {
             self.apply_return(r, &mut [], report).or_else(|e| match e {
                 // A resend for a region the empty bitmaps do not cover:
                 // postcopy RAM asks again through its faults.
-                SourceError::Destination(_) if !started => Ok(()),
+                SourceError::ResendOutOfRange { .. } if !started => Ok(()),
                 e => Err(e),
             })?;
             while let Some(ev) = self.session.poll_event() {
@@ -729,18 +767,20 @@ impl<'r, 'm> Source<'r, 'm> {
                     self.session
                         .handle_return(self.elapsed_ns(), &msg)
                         .map_err(|e| self.session_error(e))?;
-                    let r = regions.get(usize::from(region)).ok_or_else(|| {
-                        SourceError::Destination(format!(
-                            "asked to resend pages of unknown region {region}"
-                        ))
-                    })?;
+                    let out_of_range = SourceError::ResendOutOfRange {
+                        region,
+                        first,
+                        count,
+                    };
+                    let r = regions.get(usize::from(region)).ok_or(out_of_range)?;
                     // SAFETY: the guest is paused: nothing writes these pages.
-                    let bytes =
-                        unsafe { r.pages_slice(first, u64::from(count)) }.ok_or_else(|| {
-                            SourceError::Destination(format!(
-                                "asked to resend pages {first}+{count} outside region {region}"
-                            ))
-                        })?;
+                    let bytes = unsafe { r.pages_slice(first, u64::from(count)) }.ok_or(
+                        SourceError::ResendOutOfRange {
+                            region,
+                            first,
+                            count,
+                        },
+                    )?;
                     let mut header = [0u8; HEADER_LEN];
                     self.ctl_enc
                         .encode(
@@ -807,8 +847,7 @@ fn dispatch(
                 t.clear_mask(r, first_page, chunk)?;
             }
             let chunk_pages = (region_pages - first_page).min((CHUNK_WORDS * 64) as u64) as usize;
-            let mut bm = DirtyBitmap::new(chunk, chunk_pages)
-                .map_err(|e| SourceError::Destination(format!("{e:?}")))?;
+            let mut bm = DirtyBitmap::new(chunk, chunk_pages).map_err(SourceError::Bitmap)?;
             let mut at = 0usize;
             while let Some(run) = bm.take_run(at, max_run as usize) {
                 at = run.end();
@@ -829,7 +868,7 @@ fn dispatch(
                         let b = std::mem::replace(&mut batches[ch], Vec::with_capacity(BATCH));
                         jobs[ch]
                             .send(Job::Pages(b))
-                            .map_err(|_| SourceError::Thread("a sender thread stopped".into()))?;
+                            .map_err(|_| SourceError::SenderStopped)?;
                     }
                 }
             }
@@ -839,7 +878,7 @@ fn dispatch(
         if !b.is_empty() {
             jobs[ch]
                 .send(Job::Pages(b))
-                .map_err(|_| SourceError::Thread("a sender thread stopped".into()))?;
+                .map_err(|_| SourceError::SenderStopped)?;
         }
     }
     Ok(bytes)
@@ -851,14 +890,14 @@ fn flush_all(jobs: &[SyncSender<Job>]) -> Result<(), SourceError> {
     for j in jobs {
         let (tx, rx) = mpsc::sync_channel(1);
         j.send(Job::Flush(tx))
-            .map_err(|_| SourceError::Thread("a sender thread stopped".into()))?;
+            .map_err(|_| SourceError::SenderStopped)?;
         acks.push(rx);
     }
     for rx in acks {
         match rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(SourceError::Thread(e)),
-            Err(_) => return Err(SourceError::Thread("a sender thread stopped".into())),
+            Err(_) => return Err(SourceError::SenderStopped),
         }
     }
     Ok(())
@@ -927,7 +966,7 @@ fn send_discards(bitmaps: &[Vec<u64>], jobs: &[SyncSender<Job>]) -> Result<u64, 
         if !b.is_empty() {
             jobs[ch]
                 .send(Job::Discard(b))
-                .map_err(|_| SourceError::Thread("a sender thread stopped".into()))?;
+                .map_err(|_| SourceError::SenderStopped)?;
         }
     }
     Ok(total)

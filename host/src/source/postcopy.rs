@@ -50,9 +50,11 @@ impl<'r, 'm> Source<'r, 'm> {
             Some(_) => work.bitmaps.iter().map(|b| count_bits(b)).sum(),
             None => 0,
         };
-        let lost = |why: String| SourceError::PostcopyInterrupted { why, pages_left };
-        self.send_ctl(Repr::PostcopyRun, &[])
-            .map_err(|e| lost(e.to_string()))?;
+        let lost = |why: SourceError| SourceError::PostcopyInterrupted {
+            why: Box::new(why),
+            pages_left,
+        };
+        self.send_ctl(Repr::PostcopyRun, &[]).map_err(lost)?;
         events(&Event::PostcopyStarted {
             ram: work.jobs.is_some(),
             pages_left,
@@ -60,7 +62,7 @@ impl<'r, 'm> Source<'r, 'm> {
         let requests = Arc::new(UrgentStats::default());
         let server = self
             .start_urgent_server(scope, work.jobs.as_ref(), &requests)
-            .map_err(|e| lost(e.to_string()))?;
+            .map_err(lost)?;
         let snapshot = work.snapshot;
         let streamed = self
             .stream_rest(work, pages_left, &requests, report, pc, events)
@@ -71,13 +73,14 @@ impl<'r, 'm> Source<'r, 'm> {
         let served = server.map(|h| h.join());
         pc.requests = requests.requests.load(Ordering::Relaxed);
         pc.pages_requested = requests.pages.load(Ordering::Relaxed);
-        streamed.map_err(|e| match e {
-            SourceError::Thread(why) | SourceError::Destination(why) => lost(why),
-            e => lost(e.to_string()),
-        })?;
+        streamed.map_err(lost)?;
         match served {
-            Some(Ok(Err(e))) => Err(lost(format!("the urgent channel failed: {e}"))),
-            Some(Err(_)) => Err(lost("the urgent server panicked".into())),
+            Some(Ok(Err(e))) => Err(lost(SourceError::Thread(format!(
+                "the urgent channel failed: {e}"
+            )))),
+            Some(Err(_)) => Err(lost(SourceError::Thread(
+                "the urgent server panicked".into(),
+            ))),
             _ => Ok(()),
         }
     }
@@ -97,11 +100,7 @@ impl<'r, 'm> Source<'r, 'm> {
         let (Some(jobs), Some(conn)) = (jobs, self.urgent.as_ref()) else {
             return Ok(None);
         };
-        let dup = |c: &crate::link::Conn| {
-            c.try_clone().map_err(|e| {
-                SourceError::Destination(format!("duplicating the urgent socket: {e}"))
-            })
-        };
+        let dup = |c: &crate::link::Conn| c.try_clone().map_err(SourceError::UrgentSocket);
         let (reader, writer) = (dup(conn)?, dup(conn)?);
         let via_bulk = self.config.replies_on_bulk().then(|| jobs.clone());
         let (ram, neg, stats) = (self.ram, self.neg, requests.clone());
@@ -135,10 +134,8 @@ impl<'r, 'm> Source<'r, 'm> {
         };
         let sent = stream_background(work.bitmaps, work.pages, &jobs, work.max_run, &mut progress)
             .and_then(|()| {
-                jobs.iter().try_for_each(|j| {
-                    j.send(Job::End)
-                        .map_err(|_| SourceError::Thread("a sender thread stopped early".into()))
-                })
+                jobs.iter()
+                    .try_for_each(|j| j.send(Job::End).map_err(|_| SourceError::SenderStopped))
             });
         drop(jobs);
         let joined = work
@@ -169,14 +166,8 @@ impl<'r, 'm> Source<'r, 'm> {
         pc: &mut SourcePostcopyReport,
         events: &mut dyn FnMut(&Event),
     ) -> Result<(), SourceError> {
-        // In postcopy, a page that arrives torn is fetched again on fault:
-        // resend requests need no answer here.
-        let in_postcopy = |e: SourceError| match e {
-            SourceError::GoUnconfirmed { why } => SourceError::Destination(why),
-            e => e,
-        };
         while !self.session.state().is_postcopy() {
-            self.await_started(report).map_err(in_postcopy)?;
+            self.await_started(report)?;
         }
         events(&Event::Started);
         if let Some(snap) = snapshot {
@@ -192,9 +183,11 @@ impl<'r, 'm> Source<'r, 'm> {
         // The destination acknowledges that every page and section arrived
         // with a second ready; until then this side keeps all.
         while !self.session.is_ended() {
-            match self.next_return().map_err(in_postcopy)? {
+            match self.next_return()? {
+                // In postcopy, a page that arrives torn is fetched again on
+                // fault: resend requests need no answer here.
                 ReturnRepr::Resend { .. } => {}
-                r => self.apply_return(r, &mut [], report).map_err(in_postcopy)?,
+                r => self.apply_return(r, &mut [], report)?,
             }
         }
         Ok(())

@@ -60,7 +60,7 @@ impl Senders<'_> {
 }
 
 fn stopped_early(_: mpsc::SendError<Job>) -> SourceError {
-    SourceError::Thread("a sender thread stopped early".into())
+    SourceError::SenderStopped
 }
 
 /// What the source carries from round to round.
@@ -192,7 +192,7 @@ impl<'r, 'm> Source<'r, 'm> {
                     return Err(match e {
                         e @ SourceError::PostcopyInterrupted { .. } => e,
                         e => SourceError::PostcopyInterrupted {
-                            why: e.to_string(),
+                            why: Box::new(e),
                             pages_left,
                         },
                     });
@@ -248,7 +248,8 @@ impl<'r, 'm> Source<'r, 'm> {
         }
         let mut previous: Option<Pending> = None;
         st.last_sync = self.elapsed_ns();
-        for round in 0u32.. {
+        let mut round = 0u32;
+        loop {
             self.stream_round(st, tracker, jobs, round)?;
             let (decision, threshold, query) =
                 self.decide(st, tracker, guest, previous, round, events)?;
@@ -266,8 +267,8 @@ impl<'r, 'm> Source<'r, 'm> {
                 self.sync_all(st, tracker)?;
             }
             previous = Some(query.pending);
+            round = round.saturating_add(1);
         }
-        Err(SourceError::Thread("ran out of rounds".into()))
     }
 
     /// Streams what the bitmaps hold and folds in resend requests.
@@ -542,7 +543,7 @@ impl<'r, 'm> Source<'r, 'm> {
         if let Err(e) = self.flush_session() {
             self.session.link_failed(self.elapsed_ns());
             let _ = senders.stop();
-            return Err(SourceError::AfterGo(e.to_string()));
+            return Err(SourceError::AfterGo(Box::new(e)));
         }
         let go_at = monotonic_ns();
         events(&Event::GoSent);
@@ -563,10 +564,9 @@ impl<'r, 'm> Source<'r, 'm> {
     ) -> Result<SourceReport, SourceError> {
         if !self.session.is_ended() || self.session.custody() != Custody::Released {
             return Err(SourceError::GoUnconfirmed {
-                why: format!(
-                    "the protocol stands at {}, not completed",
-                    self.session.phase_name()
-                ),
+                why: super::Unconfirmed::NotCompleted {
+                    phase: self.session.phase_name(),
+                },
             });
         }
         let total_ns = self.elapsed_ns();
