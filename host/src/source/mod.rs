@@ -74,7 +74,7 @@ pub enum SourceError {
     #[error("the {channel} channel failed: {source}")]
     Transport {
         /// Which channel.
-        channel: String,
+        channel: ChannelRole,
         /// What the transport said.
         source: ferry_uring::Error,
     },
@@ -466,7 +466,8 @@ impl<'r, 'm> Source<'r, 'm> {
             source,
         })?;
         let regions = ram.mem_regions();
-        let chan_err = |channel: String| move |source| SourceError::Transport { channel, source };
+        let chan_err =
+            |channel: ChannelRole| move |source| SourceError::Transport { channel, source };
         // The control channel sends only headers, device state and (rare)
         // resent pages as plain bytes: it needs no guest RAM registered.
         let ctl = AnyChannel::new(
@@ -478,13 +479,13 @@ impl<'r, 'm> Source<'r, 'm> {
             transport,
             probe,
         )
-        .map_err(chan_err("control".into()))?;
+        .map_err(chan_err(ChannelRole::Control))?;
         let mut bulk = Vec::with_capacity(n_bulk);
         for i in 0..n_bulk {
             let c = connections.connect(ChannelRole::Bulk(i))?;
             bulk.push(
                 AnyChannel::new(c, &regions, transport, probe)
-                    .map_err(chan_err(format!("bulk {i}")))?,
+                    .map_err(chan_err(ChannelRole::Bulk(i)))?,
             );
         }
         // The urgent connection comes last: page requests in, replies out,
@@ -572,7 +573,7 @@ impl<'r, 'm> Source<'r, 'm> {
             .send(&[OutRecord { header, payload }])
             .and_then(|_| self.ctl.flush())
             .map_err(|source| SourceError::Transport {
-                channel: "control".into(),
+                channel: ChannelRole::Control,
                 source,
             })
     }
@@ -805,7 +806,7 @@ impl<'r, 'm> Source<'r, 'm> {
                         }])
                         .and_then(|_| self.ctl.flush())
                         .map_err(|source| SourceError::Transport {
-                            channel: "control".into(),
+                            channel: ChannelRole::Control,
                             source,
                         })?;
                     report.pages_resent += u64::from(count);
