@@ -104,6 +104,10 @@ struct MigrateArgs {
     /// Give up when the migration has not converged after this many seconds.
     #[arg(long, default_value_t = 60)]
     give_up_s: u64,
+    /// Bound, in seconds, on each wait of the handover: ready after the end
+    /// of the stream, started after go.
+    #[arg(long, default_value_t = 10)]
+    handover_timeout_s: u64,
     /// Print the final report as JSON on stdout (progress stays off).
     #[arg(long)]
     json: bool,
@@ -167,6 +171,10 @@ struct ReceiveArgs {
     /// fetched on fault).
     #[arg(long)]
     postcopy: bool,
+    /// Bound, in seconds, on each wait of the handover: torn pages sent
+    /// again, go after ready.
+    #[arg(long, default_value_t = 10)]
+    handover_timeout_s: u64,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -204,6 +212,18 @@ fn human_rate(bps: u64) -> String {
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The protocol's bounds with every handover wait set to `secs` seconds.
+fn handover_timeouts(secs: u64) -> ferry_core::session::Timeouts {
+    let n = secs.max(1).saturating_mul(ferry_core::session::SEC);
+    ferry_core::session::Timeouts {
+        ready: n,
+        go: n,
+        started: n,
+        resend: n,
+        ..ferry_core::session::Timeouts::DEFAULT
+    }
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -408,6 +428,7 @@ fn run_source(
         offer_postcopy_only_sections: m.postcopy_sections,
         postcopy_after_first_pass: m.postcopy,
         snapshot_bitmap: m.snapshot_bitmap,
+        timeouts: handover_timeouts(m.handover_timeout_s),
         ..SourceConfig::default()
     };
     watch_sigusr1(config.postcopy.clone());
@@ -876,6 +897,7 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
     let config = destination::DestinationConfig {
         postcopy_ram: a.postcopy,
         postcopy_only_sections: a.postcopy,
+        timeouts: handover_timeouts(a.handover_timeout_s),
         ..destination::DestinationConfig::new(a.transport.transport())
     };
     let seconds = if a.guest.memfd && a.postcopy {
