@@ -60,7 +60,7 @@ fn ready_then_vanish(listener: TcpListener) -> Option<Repr> {
         .ok()
         .flatten()
         .map(|(r, _)| r.repr);
-    ctl.shutdown();
+    let _ = ctl.shutdown();
     drop(drain);
     after
 }

@@ -25,7 +25,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -164,145 +164,38 @@ impl std::str::FromStr for Endpoint {
     }
 }
 
-/// One connected stream socket, TCP or Unix.
-#[derive(Debug)]
-pub enum Conn {
-    /// A TCP connection.
-    Tcp(TcpStream),
-    /// A Unix stream connection.
-    Unix(UnixStream),
-}
+/// A connected stream socket (TCP or Unix): the one socket type of Ferry,
+/// shared with the transport.
+pub use ferry_uring::Stream as Conn;
 
-impl Conn {
-    /// Takes over a connected stream socket passed in as a file descriptor
-    /// (TCP over IPv4 or IPv6, or Unix). Fails, closing nothing but `fd`,
-    /// when it is not a stream socket of one of those families.
-    pub fn from_fd(fd: OwnedFd) -> io::Result<Conn> {
-        let raw = fd.as_raw_fd();
-        let sock_type = sockopt_int(raw, libc::SO_TYPE)?;
-        if sock_type != libc::SOCK_STREAM {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("file descriptor {raw} is not a stream socket (type {sock_type})"),
-            ));
-        }
-        match sockopt_int(raw, libc::SO_DOMAIN)? {
-            libc::AF_INET | libc::AF_INET6 => Ok(Conn::Tcp(TcpStream::from(fd))),
-            libc::AF_UNIX => Ok(Conn::Unix(UnixStream::from(fd))),
-            other => Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("file descriptor {raw} is a socket of family {other}, not TCP or Unix"),
-            )),
-        }
-    }
-
-    /// A second handle on the same socket.
-    pub fn try_clone(&self) -> io::Result<Conn> {
-        match self {
-            Conn::Tcp(s) => s.try_clone().map(Conn::Tcp),
-            Conn::Unix(s) => s.try_clone().map(Conn::Unix),
-        }
-    }
-
-    /// Sets a read timeout (`None` blocks).
-    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
-            Conn::Tcp(s) => s.set_read_timeout(t),
-            Conn::Unix(s) => s.set_read_timeout(t),
-        }
-    }
-
-    /// Shuts both directions down, waking any reader.
-    pub fn shutdown(&self) {
-        let _ = match self {
-            Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
-            Conn::Unix(s) => s.shutdown(std::net::Shutdown::Both),
-        };
-    }
-
-    fn tune(&self) {
-        if let Conn::Tcp(s) = self {
-            let _ = s.set_nodelay(true);
-            let fd = s.as_raw_fd();
-            // A peer that vanishes or stops acknowledging (a pulled cable, a
-            // frozen host) ends the connection within a bound instead of
-            // leaving a send or a receive blocked for good.
-            let opts = [
-                (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
-                (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_S),
-                (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S),
-                (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_COUNT),
-                (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, USER_TIMEOUT_MS),
-            ];
-            for (level, name, value) in opts {
-                // SAFETY: setsockopt on a socket this Conn owns, with a
-                // pointer to a live c_int and its exact size.
-                unsafe {
-                    libc::setsockopt(
-                        fd,
-                        level,
-                        name,
-                        (&value as *const libc::c_int).cast(),
-                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                    );
-                }
+/// Sets what every TCP connection of a migration needs: no Nagle delay, and
+/// keepalive and `TCP_USER_TIMEOUT`, so that a peer that vanishes or stops
+/// acknowledging (a pulled cable, a frozen host) ends the connection within a
+/// bound instead of leaving a send or a receive blocked for good.
+fn tune(conn: &Conn) {
+    if let Conn::Tcp(s) = conn {
+        let _ = s.set_nodelay(true);
+        let fd = s.as_raw_fd();
+        let opts = [
+            (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+            (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_S),
+            (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S),
+            (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_COUNT),
+            (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, USER_TIMEOUT_MS),
+        ];
+        for (level, name, value) in opts {
+            // SAFETY: setsockopt on a socket this connection owns, with a
+            // pointer to a live c_int and its exact size.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    level,
+                    name,
+                    (&value as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
             }
         }
-    }
-}
-
-impl Read for Conn {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Conn::Tcp(s) => s.read(buf),
-            Conn::Unix(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Conn {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Conn::Tcp(s) => s.write(buf),
-            Conn::Unix(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Conn::Tcp(s) => s.flush(),
-            Conn::Unix(s) => s.flush(),
-        }
-    }
-}
-
-impl From<Conn> for ferry_uring::Stream {
-    fn from(c: Conn) -> Self {
-        match c {
-            Conn::Tcp(s) => s.into(),
-            Conn::Unix(s) => s.into(),
-        }
-    }
-}
-
-/// An integer socket option of `fd` at `SOL_SOCKET`.
-fn sockopt_int(fd: std::os::fd::RawFd, name: libc::c_int) -> io::Result<libc::c_int> {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `value` and `len` are valid for writes of the sizes given, and
-    // getsockopt writes at most `len` bytes; a bad fd is reported as EBADF.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            name,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(value)
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 
@@ -317,7 +210,7 @@ pub fn connect(endpoint: &Endpoint) -> Result<Conn, LinkError> {
         Endpoint::Tcp(a) => Conn::Tcp(TcpStream::connect(a).map_err(err)?),
         Endpoint::Unix(p) => Conn::Unix(UnixStream::connect(p).map_err(err)?),
     };
-    c.tune();
+    tune(&c);
     Ok(c)
 }
 
@@ -429,7 +322,7 @@ impl Connected {
             ChannelRole::Urgent => self.urgent.take(),
         };
         let conn = slot.ok_or(LinkError::MissingChannel { channel })?;
-        conn.tune();
+        tune(&conn);
         Ok(conn)
     }
 }
@@ -500,7 +393,7 @@ impl Listener {
             Listener::Tcp(l) => Conn::Tcp(l.accept().map_err(err)?.0),
             Listener::Unix(l, _) => Conn::Unix(l.accept().map_err(err)?.0),
         };
-        c.tune();
+        tune(&c);
         Ok(c)
     }
 }

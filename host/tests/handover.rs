@@ -89,7 +89,7 @@ fn fake_destination(listener: &Listener, ram: &Ram<'_>, after: AfterEnd) -> Opti
                 .ok()
                 .flatten()
                 .map(|(r, _)| r.repr);
-            ctl.shutdown();
+            let _ = ctl.shutdown();
             got
         }
         AfterEnd::Stall => {

@@ -385,8 +385,8 @@ fn destination_lost_mid_precopy_leaves_the_source_running() {
             while got < 8 << 20 {
                 got += bulk.read(&mut buf).expect("read");
             }
-            bulk.shutdown();
-            ctl.shutdown();
+            let _ = bulk.shutdown();
+            let _ = ctl.shutdown();
         });
         let link = SourceLink {
             endpoint,

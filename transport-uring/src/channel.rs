@@ -2,7 +2,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use crate::error::Error;
@@ -61,18 +61,89 @@ impl Stream {
         }
     }
 
-    fn write_all(&mut self, b: &[u8]) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.write_all(b),
-            Stream::Unix(s) => s.write_all(b),
+    /// Takes over a connected stream socket passed in as a file descriptor
+    /// (TCP over IPv4 or IPv6, or Unix). Fails, closing nothing but `fd`,
+    /// when it is not a stream socket of one of those families.
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Stream> {
+        let raw = fd.as_raw_fd();
+        let sock_type = sockopt_int(raw, libc::SO_TYPE)?;
+        if sock_type != libc::SOCK_STREAM {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("file descriptor {raw} is not a stream socket (type {sock_type})"),
+            ));
+        }
+        match sockopt_int(raw, libc::SO_DOMAIN)? {
+            libc::AF_INET | libc::AF_INET6 => Ok(Stream::Tcp(TcpStream::from(fd))),
+            libc::AF_UNIX => Ok(Stream::Unix(UnixStream::from(fd))),
+            other => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("file descriptor {raw} is a socket of family {other}, not TCP or Unix"),
+            )),
         }
     }
 
-    fn read_exact(&mut self, b: &mut [u8]) -> io::Result<()> {
+    /// A second handle on the same socket.
+    pub fn try_clone(&self) -> io::Result<Stream> {
         match self {
-            Stream::Tcp(s) => s.read_exact(b),
-            Stream::Unix(s) => s.read_exact(b),
+            Stream::Tcp(s) => s.try_clone().map(Stream::Tcp),
+            Stream::Unix(s) => s.try_clone().map(Stream::Unix),
         }
+    }
+
+    /// Sets a read timeout (`None` blocks).
+    pub fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.flush(),
+            Stream::Unix(s) => s.flush(),
+        }
+    }
+}
+
+/// An integer socket option of `fd`.
+fn sockopt_int(fd: RawFd, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `v`, a live c_int,
+    // and updates `len`; `fd` is a descriptor the caller owns.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(v)
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

@@ -1514,7 +1514,7 @@ impl Ends<'_> {
         let _ = watchdog.join();
         if result.is_err() {
             // Wake the receiver threads so the scope can end.
-            self.ctl_conn.shutdown();
+            let _ = self.ctl_conn.shutdown();
             self.wake_fds.iter().copied().for_each(wake);
         }
         // The urgent thread owns its socket and ends on the end of the

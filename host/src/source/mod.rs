@@ -548,9 +548,9 @@ impl<'r, 'm> Source<'r, 'm> {
     }
 
     fn shutdown(&mut self) {
-        self.ctl_conn.shutdown();
+        let _ = self.ctl_conn.shutdown();
         if let Some(u) = &self.urgent {
-            u.shutdown();
+            let _ = u.shutdown();
         }
     }
 

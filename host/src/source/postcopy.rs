@@ -68,7 +68,7 @@ impl<'r, 'm> Source<'r, 'm> {
             .stream_rest(work, pages_left, &requests, report, pc, events)
             .and_then(|()| self.finish_postcopy_stream(snapshot, report, pc, events));
         if let Some(u) = &self.urgent {
-            u.shutdown();
+            let _ = u.shutdown();
         }
         let served = server.map(|h| h.join());
         pc.requests = requests.requests.load(Ordering::Relaxed);
