@@ -133,3 +133,62 @@ fn ferry_send_holds_a_guest_whose_go_was_not_confirmed_until_the_operator_decide
         "the operator is told what to do"
     );
 }
+
+#[test]
+fn ferry_receive_refuses_garbage_in_time_and_says_the_guest_is_the_sources() {
+    if !kvm_present() {
+        return;
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "receive",
+            "--listen",
+            "127.0.0.1:0",
+            "--mem",
+            "64M",
+            "--json",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run ferry receive");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut first = Vec::new();
+    let mut byte = [0u8; 1];
+    while stdout.read(&mut byte).expect("read") == 1 && byte[0] != b'\n' {
+        first.push(byte[0]);
+    }
+    let listening: serde_json::Value = serde_json::from_slice(&first).expect("a JSON line");
+    let addr = listening["endpoint"]
+        .as_str()
+        .and_then(|e| e.strip_prefix("tcp:"))
+        .expect("a tcp endpoint")
+        .to_string();
+    let t = Instant::now();
+    let mut peer = std::net::TcpStream::connect(&addr).expect("connect");
+    std::io::Write::write_all(
+        &mut peer,
+        b"GET / HTTP/1.1\r\nHost: ferry.test\r\nAccept: */*\r\n\r\n",
+    )
+    .expect("write");
+    let mut answer = Vec::new();
+    let _ = peer.read_to_end(&mut answer);
+    let status = child.wait().expect("wait");
+    let took = t.elapsed();
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).expect("read the report");
+    let report: serde_json::Value = serde_json::from_str(rest.trim()).expect("a JSON report line");
+    assert_eq!(report["type"], "report", "{report}");
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(report["go_received"], false, "{report}");
+    assert_eq!(report["outcome"], "runs-on-source", "{report}");
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "exit status 3: the guest is the source's"
+    );
+    // The source is told why: an error record on the return path.
+    assert_eq!(answer.first(), Some(&0x84), "an error record comes back");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
