@@ -260,6 +260,9 @@ pub struct SourceReport {
     pub source_downtime_ns: u64,
     /// The threshold at the final decision.
     pub threshold: u64,
+    /// The bandwidth the policy measured at the final decision, bytes/s
+    /// (the threshold is this times the downtime limit).
+    pub bandwidth: u64,
     /// The transport used.
     pub transport: String,
     /// Postcopy, when the migration switched over into it.

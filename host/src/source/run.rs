@@ -82,6 +82,7 @@ pub(super) struct Rounds<'m> {
 struct Converged {
     decision: Decision,
     threshold: u64,
+    bandwidth: u64,
     rounds: u32,
     pending: Pending,
 }
@@ -257,6 +258,7 @@ impl<'r, 'm> Source<'r, 'm> {
                 return Ok(Converged {
                     decision,
                     threshold,
+                    bandwidth: st.bandwidth.bytes_per_sec(),
                     rounds: round,
                     pending: query.pending,
                 });
@@ -549,6 +551,7 @@ impl<'r, 'm> Source<'r, 'm> {
         events(&Event::GoSent);
         report.rounds = conv.rounds;
         report.threshold = conv.threshold;
+        report.bandwidth = conv.bandwidth;
         report.final_pending = conv.pending.total();
         report.paused_at_ns = paused_at;
         report.go_at_ns = go_at;
