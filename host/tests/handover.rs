@@ -465,3 +465,114 @@ fn a_bad_checksum_on_a_page_from_the_paused_source_fails_the_migration() {
     );
     assert_eq!(started, 0);
 }
+
+/// The hostile source's connections after a good hello: control, one bulk.
+fn hostile(ep: &link::Endpoint) -> (Conn, Conn, Negotiated) {
+    let mut c = link::connect(ep).expect("connect");
+    c.write_all(&hello_for(8 * MIB, 2)).expect("hello");
+    let bulk = link::connect(ep).expect("bulk");
+    let m = memory(8 * MIB);
+    let neg = Negotiated::new(
+        Ram::from_memory(&m).layout().expect("layout"),
+        Capabilities {
+            postcopy_ram: false,
+            postcopy_only_sections: false,
+            payload_checksums: true,
+            channels: 2,
+        },
+    );
+    (c, bulk, neg)
+}
+
+#[test]
+fn a_page_run_past_the_end_of_guest_ram_is_refused_before_a_byte_is_written() {
+    let (r, started, _) = destination_against(|ep| {
+        let (mut c, mut bulk, neg) = hostile(&ep);
+        // A well-formed header whose pages lie past the region's end, with a
+        // valid header checksum: only the layout check can stop it.
+        let mut h = ferry_core::wire::RecordHeader {
+            kind: 0x01,
+            flags: 0,
+            id: 0u16.into(),
+            count: 4u32.into(),
+            first: (8 * MIB / 4096 - 2).into(),
+            payload_len: (4 * 4096u32).into(),
+            payload_crc: 0u32.into(),
+            seq: 0u32.into(),
+            header_crc: 0u32.into(),
+        };
+        h.seal();
+        let _ = neg;
+        let _ = bulk.write_all(zerocopy::IntoBytes::as_bytes(&h));
+        let _ = bulk.write_all(&vec![0xee; 4 * 4096]);
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest);
+    });
+    let e = r.expect_err("out of range");
+    eprintln!("destination: {e}");
+    assert!(
+        e.to_string().contains("region") || e.to_string().contains("outside"),
+        "{e}"
+    );
+    assert_eq!(started, 0);
+}
+
+#[test]
+fn a_record_cut_short_then_silence_ends_within_the_idle_bound() {
+    let (r, started, took) = destination_against(|ep| {
+        let (mut c, _bulk, neg) = hostile(&ep);
+        let mut enc = ferry_core::wire::StreamEncoder::new(&neg);
+        let chunk = vec![1u8; 4096];
+        let mut h = [0u8; ferry_core::wire::HEADER_LEN];
+        let rec = Repr::Section {
+            section: 1,
+            offset: 0,
+            len: chunk.len() as u32,
+            last: true,
+        };
+        enc.encode(&rec, &chunk, &mut h).expect("encode");
+        // The header and half the payload, then nothing.
+        c.write_all(&h)
+            .and_then(|()| c.write_all(&chunk[..2048]))
+            .expect("write");
+        thread::sleep(Duration::from_secs(5));
+    });
+    let e = r.expect_err("silence");
+    eprintln!("destination: {e}");
+    match &e.kind {
+        DestinationErrorKind::Session(s) => assert_eq!(
+            s.failure,
+            Failure::Timeout {
+                wait: Wait::Idle,
+                after_ns: short_timeouts().idle
+            }
+        ),
+        other => panic!("expected the idle bound, got {other:?}"),
+    }
+    assert_eq!(started, 0);
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+}
+
+#[test]
+fn go_before_ready_and_a_replayed_hello_are_refused() {
+    for replay in [false, true] {
+        let (r, started, _) = destination_against(move |ep| {
+            let (mut c, _bulk, neg) = hostile(&ep);
+            if replay {
+                // The same hello again on the control channel.
+                c.write_all(&hello_for(8 * MIB, 2)).expect("hello again");
+            } else {
+                let mut enc = ferry_core::wire::StreamEncoder::new(&neg);
+                let mut h = [0u8; ferry_core::wire::HEADER_LEN];
+                enc.encode(&Repr::Go, &[], &mut h).expect("encode");
+                c.write_all(&h).expect("go");
+            }
+            let mut rest = Vec::new();
+            let _ = c.read_to_end(&mut rest);
+        });
+        let e = r.expect_err("refused");
+        eprintln!("destination (replay {replay}): {e}");
+        assert!(!e.go_received, "go was never accepted");
+        assert_eq!(started, 0, "the guest never started");
+    }
+}

@@ -1174,8 +1174,8 @@ impl Watch {
         );
     }
 
-    /// Runs until `done`: shuts `fds` down once the deadline passed.
-    fn run(&self, fds: &[i32]) {
+    /// Runs until `done`: wakes everything once the deadline passed.
+    fn run(&self, wakers: &Wakers) {
         while !self.done.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(50));
             let mut deadline = self.deadline.load(Ordering::Acquire);
@@ -1185,12 +1185,7 @@ impl Watch {
             }
             if monotonic_ns() >= deadline {
                 self.fired.store(true, Ordering::Release);
-                for fd in fds {
-                    // SAFETY: shutdown on a socket descriptor owned by a live
-                    // channel only changes the socket's state; it does not
-                    // close it, so the descriptor stays valid for its owner.
-                    unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
-                }
+                wakers.all();
                 return;
             }
         }
@@ -1355,18 +1350,55 @@ fn open_channels(
     Ok(Channels { ctl, bulk, urgent })
 }
 
-fn conn_fd(c: &link::Conn) -> i32 {
-    match c {
-        link::Conn::Tcp(s) => std::os::fd::AsRawFd::as_raw_fd(s),
-        link::Conn::Unix(s) => std::os::fd::AsRawFd::as_raw_fd(s),
-    }
+/// Second handles on every socket of a migration, held until every thread
+/// that uses them has ended: shutting one down wakes whoever blocks on the
+/// socket, and, unlike a raw descriptor number, a handle can never name a
+/// socket that was closed and reused meanwhile.
+struct Wakers {
+    bulk: Vec<link::Conn>,
+    control: link::Conn,
+    urgent: Option<link::Conn>,
 }
 
-/// Shuts a socket down so that whoever blocks on it wakes.
-fn wake(fd: i32) {
-    // SAFETY: shutdown on a socket descriptor owned by a live channel only
-    // changes the socket's state; it does not close it.
-    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+impl Wakers {
+    fn new(chans: &Channels) -> Result<Wakers, DestinationErrorKind> {
+        let dup = |c: &link::Conn| {
+            c.try_clone().map_err(|source| LinkError::Io {
+                what: "duplicating a socket",
+                source,
+            })
+        };
+        Ok(Wakers {
+            bulk: chans
+                .bulk
+                .iter()
+                .map(|c| dup(c.stream()))
+                .collect::<Result<_, _>>()?,
+            control: dup(chans.ctl.stream())?,
+            urgent: chans.urgent.as_ref().map(dup).transpose()?,
+        })
+    }
+
+    /// Wakes the bulk receivers.
+    fn bulk(&self) {
+        for c in &self.bulk {
+            let _ = c.shutdown();
+        }
+    }
+
+    /// Wakes the urgent receiver.
+    fn urgent(&self) {
+        if let Some(c) = &self.urgent {
+            let _ = c.shutdown();
+        }
+    }
+
+    /// Wakes every thread of the migration.
+    fn all(&self) {
+        self.bulk();
+        self.urgent();
+        let _ = self.control.shutdown();
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1402,12 +1434,7 @@ fn receive_inner<S: GuestStarter>(
     let (notes_tx, notes_rx) = mpsc::channel::<BulkNote>();
     let watch = Watch::new(monotonic_ns());
     let n_bulk = chans.bulk.len();
-    let wake_fds: Vec<i32> = chans.bulk.iter().map(|c| c.stream().fd()).collect();
-    let mut watched = wake_fds.clone();
-    watched.push(chans.ctl.stream().fd());
-    watched.extend(chans.urgent.as_ref().map(conn_fd));
-    let all_fds = watched.clone();
-    let urgent_fd = chans.urgent.as_ref().map(conn_fd);
+    let wakers = Wakers::new(&chans)?;
     let urgent_writer = match chans.urgent.as_ref().map(|c| c.try_clone()) {
         Some(Ok(w)) => Some(ReturnWriter::new(w)),
         Some(Err(source)) => {
@@ -1419,11 +1446,11 @@ fn receive_inner<S: GuestStarter>(
         None => None,
     };
     std::thread::scope(|scope| {
-        let watchdog = scope.spawn(|| watch.run(&watched));
+        let watchdog = scope.spawn(|| watch.run(&wakers));
         let mut handles = Vec::with_capacity(n_bulk);
         for (i, chan) in chans.bulk.into_iter().enumerate() {
             let (neg, torn, ret, inst, watch) = (&neg, &torn, &ret, inst.as_deref(), &watch);
-            let (notes, all_fds) = (notes_tx.clone(), &all_fds);
+            let (notes, wakers) = (notes_tx.clone(), &wakers);
             handles.push(scope.spawn(move || {
                 let r = bulk_thread(i, chan, ram, neg, torn, ret, inst, &notes, watch);
                 if r.is_err() {
@@ -1431,7 +1458,7 @@ fn receive_inner<S: GuestStarter>(
                     // of the stream, and every other receiver stops.
                     let _ = notes.send(BulkNote::Failed);
                     watch.bulk_failed.store(true, Ordering::Release);
-                    all_fds.iter().copied().for_each(wake);
+                    wakers.all();
                 }
                 r
             }));
@@ -1476,8 +1503,7 @@ fn receive_inner<S: GuestStarter>(
         let ends = Ends {
             ret: &ret,
             ctl_conn: &ctl_conn,
-            wake_fds: &wake_fds,
-            urgent_fd,
+            wakers: &wakers,
             watch: &watch,
         };
         ends.wind_down(result, error_sent, watchdog, urgent_handle)
@@ -1488,8 +1514,7 @@ fn receive_inner<S: GuestStarter>(
 struct Ends<'a> {
     ret: &'a ReturnWriter,
     ctl_conn: &'a link::Conn,
-    wake_fds: &'a [i32],
-    urgent_fd: Option<i32>,
+    wakers: &'a Wakers,
     watch: &'a Watch,
 }
 
@@ -1515,11 +1540,11 @@ impl Ends<'_> {
         if result.is_err() {
             // Wake the receiver threads so the scope can end.
             let _ = self.ctl_conn.shutdown();
-            self.wake_fds.iter().copied().for_each(wake);
+            self.wakers.bulk();
         }
         // The urgent thread owns its socket and ends on the end of the
         // connection this causes.
-        self.urgent_fd.into_iter().for_each(wake);
+        self.wakers.urgent();
         match (result, urgent.map(|h| h.join())) {
             (
                 Err(DestinationErrorKind::Transport { .. } | DestinationErrorKind::Truncated(_)),
