@@ -576,3 +576,80 @@ fn go_before_ready_and_a_replayed_hello_are_refused() {
         assert_eq!(started, 0, "the guest never started");
     }
 }
+
+#[test]
+fn a_destination_that_stops_reading_in_precopy_ends_the_migration_within_give_up() {
+    // 256 MiB cannot fit in socket buffers: the senders block on a peer that
+    // accepted everything and reads nothing.
+    let src_mem = memory(256 * MIB);
+    fill(&src_mem);
+    let listener = Listener::bind(&"127.0.0.1:0".parse().expect("endpoint")).expect("bind");
+    let endpoint = listener.local_endpoint().expect("endpoint");
+    let src_ram = Ram::from_memory(&src_mem);
+    let mut tracker = tracker_for(&src_mem);
+    let mut writer = Writer::start(src_mem.regions()[0].host_ptr() as usize, 256, 4);
+    let config = SourceConfig {
+        give_up_after: Some(Duration::from_secs(2)),
+        timeouts: short_timeouts(),
+        ..SourceConfig::default()
+    };
+    let (result, took) = thread::scope(|s| {
+        s.spawn(|| {
+            let mut ctl = listener.accept().expect("accept");
+            let ours = Hello::new(
+                Capabilities {
+                    postcopy_ram: false,
+                    postcopy_only_sections: false,
+                    payload_checksums: true,
+                    channels: 2,
+                },
+                src_ram.layout().expect("layout"),
+            );
+            let ret = ReturnWriter::new(ctl.try_clone().expect("clone"));
+            let mut session = DestinationSession::new(
+                0,
+                Timeouts::DEFAULT,
+                Limits {
+                    max_channels: 4,
+                    max_device_bytes: MIB,
+                },
+            );
+            link::destination_handshake(&mut ctl, &ours, &ret, &mut session).expect("handshake");
+            let bulk = listener.accept().expect("accept bulk");
+            // Read nothing, hold everything open.
+            thread::sleep(Duration::from_secs(6));
+            drop((bulk, ctl));
+        });
+        let link = SourceLink {
+            endpoint,
+            transport: Transport::Std(RecvStrategy::Direct),
+            bulk_channels: 1,
+        };
+        let t = Instant::now();
+        let r = source::migrate(
+            &src_ram,
+            &mut tracker,
+            &mut writer,
+            &config,
+            &link,
+            &mut |_| {},
+        );
+        (r, t.elapsed())
+    });
+    let err = result.expect_err("a stalled peer");
+    eprintln!("source: {err} after {took:?}");
+    // The bound is the shorter of give_up_after (2 s) and the idle bound (1.5 s).
+    assert!(
+        matches!(err, SourceError::Stalled { after_ms: 1500 }),
+        "{err:?}"
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert_eq!(writer.pauses.load(Ordering::Relaxed), 0, "never paused");
+    let before = writer.written.load(Ordering::Relaxed);
+    thread::sleep(Duration::from_millis(50));
+    assert!(
+        writer.written.load(Ordering::Relaxed) > before,
+        "the guest runs on"
+    );
+    drop(writer);
+}

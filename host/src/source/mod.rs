@@ -52,6 +52,7 @@ use crate::ram::{Ram, RamRegion, PAGE_SIZE};
 mod postcopy;
 mod run;
 mod sender;
+mod stall;
 
 use sender::sender_thread;
 
@@ -109,6 +110,13 @@ pub enum SourceError {
     /// A sender thread stopped taking work (its own error says why).
     #[error("a sender thread stopped early")]
     SenderStopped,
+    /// The destination stopped taking data: no send made progress for this
+    /// long while data was due.
+    #[error("the destination took no data for {after_ms} ms while data was due (a stalled peer)")]
+    Stalled {
+        /// The bound, in milliseconds.
+        after_ms: u64,
+    },
     /// Duplicating the urgent socket failed.
     #[error("could not duplicate the urgent socket: {0}")]
     UrgentSocket(std::io::Error),
@@ -421,6 +429,9 @@ struct Source<'r, 'm> {
     ctl_conn: link::Conn,
     returns: Receiver<ReturnMsg>,
     bulk: Vec<AnyChannel>,
+    /// Second handles on the bulk sockets: shutting one down wakes a sender
+    /// blocked on a stalled peer.
+    bulk_wakers: Vec<link::Conn>,
     /// The urgent connection (postcopy-ram only).
     urgent: Option<link::Conn>,
     transport_name: String,
@@ -481,8 +492,13 @@ impl<'r, 'm> Source<'r, 'm> {
         )
         .map_err(chan_err(ChannelRole::Control))?;
         let mut bulk = Vec::with_capacity(n_bulk);
+        let mut bulk_wakers = Vec::with_capacity(n_bulk);
         for i in 0..n_bulk {
             let c = connections.connect(ChannelRole::Bulk(i))?;
+            bulk_wakers.push(c.try_clone().map_err(|source| LinkError::Io {
+                what: "duplicating a bulk socket",
+                source,
+            })?);
             bulk.push(
                 AnyChannel::new(c, &regions, transport, probe)
                     .map_err(chan_err(ChannelRole::Bulk(i)))?,
@@ -506,6 +522,7 @@ impl<'r, 'm> Source<'r, 'm> {
             ctl_conn,
             returns,
             bulk,
+            bulk_wakers,
             urgent,
             transport_name,
             started,

@@ -3,17 +3,19 @@
 //! The session ([`SourceSession`]) admits every step and owns every timer.
 
 use std::sync::mpsc::{self, SyncSender};
-use std::thread::ScopedJoinHandle;
-use std::time::Instant;
+use std::thread::{Scope, ScopedJoinHandle};
+use std::time::{Duration, Instant};
 
 use ferry_core::bitmap::DirtyBitmap;
 use ferry_core::pending::{Pending, Query, Sections};
 use ferry_core::policy::{self, Capabilities as PolicyCaps, Decision, Inputs};
 use ferry_core::rate::{self, RateEstimator, DEFAULT_WINDOW_NS};
 use ferry_core::session::{Custody, Switchover};
-use ferry_core::wire::MAX_RUN_PAGES;
+use ferry_core::wire::{Negotiated, MAX_RUN_PAGES};
+use ferry_uring::AnyChannel;
 
 use super::postcopy::PostcopyWork;
+use super::stall::SendProgress;
 use super::{
     count_bits, dispatch, flush_all, join_senders_list, or_into, send_discards, sender_thread,
     words_bytes, DevicePending, Job, RamPending, SenderStats, SnapshotPending, Source, SourceError,
@@ -24,7 +26,7 @@ use crate::migration::{
     SNAPSHOT_BITMAP_SECTION,
 };
 use crate::postcopy::PostcopyMode;
-use crate::ram::{RamRegion, PAGE_SIZE};
+use crate::ram::{Ram, RamRegion, PAGE_SIZE};
 
 /// A bulk sender thread's handle.
 pub(super) type SenderHandle<'s> = ScopedJoinHandle<'s, Result<SenderStats, String>>;
@@ -61,6 +63,37 @@ impl Senders<'_> {
 
 fn stopped_early(_: mpsc::SendError<Job>) -> SourceError {
     SourceError::SenderStopped
+}
+
+/// Ends the stall watchdog when dropped.
+struct Finish<'a>(&'a SendProgress);
+
+impl Drop for Finish<'_> {
+    fn drop(&mut self) {
+        self.0.finish();
+    }
+}
+
+/// Starts one sender thread per bulk channel.
+fn spawn_senders<'s, 'e, 'm: 's>(
+    scope: &'s Scope<'s, 'e>,
+    bulk: Vec<AnyChannel>,
+    ram: &'s Ram<'m>,
+    neg: &'s Negotiated,
+    cap: Option<u64>,
+    progress: &'s SendProgress,
+) -> Senders<'s> {
+    let mut jobs = Vec::with_capacity(bulk.len());
+    let mut handles = Vec::with_capacity(bulk.len());
+    for (i, chan) in bulk.into_iter().enumerate() {
+        let (tx, rx) = mpsc::sync_channel::<Job>(8);
+        jobs.push(tx);
+        handles.push(scope.spawn(move || sender_thread(i, chan, rx, ram, neg, cap, progress)));
+    }
+    Senders {
+        jobs: Some(jobs),
+        handles: Some(handles),
+    }
 }
 
 /// What the source carries from round to round.
@@ -112,22 +145,18 @@ impl<'r, 'm> Source<'r, 'm> {
         let mut st = self.rounds_state();
         let (ram, neg) = (self.ram, self.neg);
         let bulk = std::mem::take(&mut self.bulk);
+        let wakers = std::mem::take(&mut self.bulk_wakers);
         let cap = self
             .config
             .bandwidth_cap
             .map(|c| (c / bulk.len().max(1) as u64).max(1));
-        std::thread::scope(|scope| -> Result<SourceReport, SourceError> {
-            let mut senders = Senders {
-                jobs: Some(Vec::new()),
-                handles: Some(Vec::new()),
-            };
-            for (i, chan) in bulk.into_iter().enumerate() {
-                let (tx, rx) = mpsc::sync_channel::<Job>(8);
-                senders.jobs.get_or_insert_with(Vec::new).push(tx);
-                let neg = &neg;
-                let h = scope.spawn(move || sender_thread(i, chan, rx, ram, neg, cap));
-                senders.handles.get_or_insert_with(Vec::new).push(h);
-            }
+        let progress = SendProgress::default();
+        let stall_bound = self.stall_bound();
+        let result = std::thread::scope(|scope| -> Result<SourceReport, SourceError> {
+            scope.spawn(|| progress.watch(stall_bound, &wakers));
+            // The watchdog ends with the migration, on every path.
+            let _finish = Finish(&progress);
+            let mut senders = spawn_senders(scope, bulk, ram, &neg, cap, &progress);
             let conv = match self.precopy(&mut st, tracker, guest, senders.jobs(), events) {
                 Ok(c) => c,
                 Err(e) => return Err(senders.stop_after(e)),
@@ -202,7 +231,24 @@ impl<'r, 'm> Source<'r, 'm> {
                 events(&Event::Completed);
             }
             self.completed(st.report, setup_ns)
-        })
+        });
+        match result {
+            // Senders woken by the stall watchdog fail with their sockets;
+            // the stall is the cause.
+            Err(SourceError::SenderStopped | SourceError::Thread(_)) if progress.stalled() => {
+                Err(SourceError::Stalled {
+                    after_ms: u64::try_from(stall_bound.as_millis()).unwrap_or(u64::MAX),
+                })
+            }
+            r => r,
+        }
+    }
+
+    /// How long a send may make no progress: the time allowed to converge,
+    /// and never more than the idle bound.
+    fn stall_bound(&self) -> Duration {
+        let idle = Duration::from_nanos(self.config.timeouts.idle);
+        self.config.give_up_after.map_or(idle, |g| g.min(idle))
     }
 
     fn rounds_state(&self) -> Rounds<'m> {

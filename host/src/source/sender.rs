@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use ferry_core::wire::{self, Negotiated, Repr, StreamEncoder, HEADER_LEN};
 use ferry_uring::{AnyChannel, Channel, OutRecord, Payload};
 
+use super::stall::SendProgress;
 use super::{Job, PageWork, SenderStats, BATCH};
 use crate::ram::{Ram, RamRegion, PAGE_SIZE};
 
@@ -41,6 +42,7 @@ struct Sender<'a, 'm> {
     recs: Vec<OutRecord<'static>>,
     batch_bytes: u64,
     pacer: Option<Pacer>,
+    progress: &'a SendProgress,
 }
 
 /// Runs bulk channel `index` until its jobs end; returns what it sent.
@@ -51,6 +53,7 @@ pub(super) fn sender_thread(
     ram: &Ram<'_>,
     neg: &Negotiated,
     cap: Option<u64>,
+    progress: &SendProgress,
 ) -> Result<SenderStats, String> {
     let mut s = Sender {
         index,
@@ -65,6 +68,7 @@ pub(super) fn sender_thread(
             start: Instant::now(),
             sent: 0,
         }),
+        progress,
     };
     // The loop ends with the end record, or when the migration gave up
     // (its queue closed): then the channel closes without one.
@@ -75,7 +79,10 @@ pub(super) fn sender_thread(
             Job::Pages(work) => s.pages(work, false)?,
             Job::Requested(w) => s.pages(vec![w], true)?,
             Job::Flush(ack) => {
-                let r = s.chan.flush().map_err(|e| s.fail("flush", &e));
+                let r = s
+                    .progress
+                    .during(|| s.chan.flush())
+                    .map_err(|e| s.fail("flush", &e));
                 let failed = r.is_err();
                 let _ = ack.send(r);
                 if failed {
@@ -108,12 +115,15 @@ impl Sender<'_, '_> {
     /// Sends a header-only record at once (a marker or the end).
     fn control(&mut self, repr: Repr, what: &str) -> Result<(), String> {
         let header = self.header(&repr)?;
-        self.chan
-            .send(&[OutRecord {
-                header,
-                payload: Payload::None,
-            }])
-            .and_then(|_| self.chan.flush())
+        let (chan, progress) = (&mut self.chan, self.progress);
+        progress
+            .during(|| {
+                chan.send(&[OutRecord {
+                    header,
+                    payload: Payload::None,
+                }])
+                .and_then(|_| chan.flush())
+            })
             .map_err(|e| self.fail(what, &e))?;
         self.stats.bytes += HEADER_LEN as u64;
         Ok(())
@@ -135,7 +145,10 @@ impl Sender<'_, '_> {
             self.stats.bytes += HEADER_LEN as u64;
         }
         let recs = std::mem::take(&mut self.recs);
-        let sent = self.chan.send(&recs).map_err(|e| self.fail("send", &e));
+        let (chan, progress) = (&mut self.chan, self.progress);
+        let sent = progress
+            .during(|| chan.send(&recs))
+            .map_err(|e| self.fail("send", &e));
         self.recs = recs;
         sent.map(|_| ())
     }
@@ -172,11 +185,17 @@ impl Sender<'_, '_> {
             }
         }
         let recs = std::mem::take(&mut self.recs);
-        let sent = self.chan.send(&recs).map_err(|e| self.fail("send", &e));
+        let (chan, progress) = (&mut self.chan, self.progress);
+        let sent = progress
+            .during(|| chan.send(&recs))
+            .map_err(|e| self.fail("send", &e));
         self.recs = recs;
         sent?;
         if requested {
-            self.chan.flush().map_err(|e| self.fail("flush", &e))?;
+            let (chan, progress) = (&mut self.chan, self.progress);
+            progress
+                .during(|| chan.flush())
+                .map_err(|e| self.fail("flush", &e))?;
         }
         if let Some(p) = self.pacer.as_mut() {
             p.wait(self.batch_bytes);
