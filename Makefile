@@ -5,6 +5,7 @@ CARGO ?= cargo
 FUZZ_SECONDS ?= 600
 
 .PHONY: all prereqs demo test lint unit nostd-proof bench bench-migrate bench-transport bench-postcopy bench-bitmap fuzz clean
+.PHONY: faults
 
 all: test
 
@@ -60,6 +61,14 @@ bench-postcopy: prereqs
 ## bench-bitmap: the bitmap-scan table (GB/s and pages/s beside the three baselines).
 bench-bitmap: prereqs
 	$(CARGO) run --release -p ferry-benches --bin bitmap_table
+
+## faults: fault-injection trials (connection resets, stalls, killed processes) on
+## real 64 MiB KVM guest migrations through a fault proxy; pass FAULT_ARGS, e.g.
+## make faults FAULT_ARGS="--trials 40 --seed 1 --json".
+FAULT_ARGS ?= --trials 40
+faults: prereqs
+	$(CARGO) build --release -p ferry-cli --bin ferry -p ferry-benches --bin fault_trials
+	./target/release/fault_trials $(FAULT_ARGS)
 
 ## fuzz: run each cargo-fuzz target for FUZZ_SECONDS (default 600).
 fuzz: prereqs

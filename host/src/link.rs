@@ -110,6 +110,14 @@ pub enum LinkError {
     /// Encoding a record failed (a bug: the record was built wrong).
     #[error("could not encode a record: {0}")]
     Emit(wire::EmitError),
+    /// The source did not open a channel of the migration within a bound.
+    #[error("the source did not open the {channel} channel within {after_ms} ms")]
+    AcceptTimeout {
+        /// The channel awaited.
+        channel: ChannelRole,
+        /// The bound, in milliseconds.
+        after_ms: u64,
+    },
     /// The peer said nothing within a bound.
     #[error("the peer sent nothing while {what} for {after_ms} ms, the bound on that wait")]
     Timeout {
@@ -253,6 +261,15 @@ pub trait Connector {
 pub trait Acceptor {
     /// The stream for `channel`.
     fn accept(&mut self, channel: ChannelRole) -> Result<Conn, LinkError>;
+
+    /// The stream for `channel`, waiting at most `bound` for it (the
+    /// migration's data channels: a source that went away after the hello
+    /// must not leave the destination waiting for good). Streams handed in
+    /// ready-made are there at once.
+    fn accept_within(&mut self, channel: ChannelRole, bound: Duration) -> Result<Conn, LinkError> {
+        let _ = bound;
+        self.accept(channel)
+    }
 }
 
 impl Connector for Endpoint {
@@ -271,11 +288,19 @@ impl Acceptor for Listener {
     fn accept(&mut self, _channel: ChannelRole) -> Result<Conn, LinkError> {
         Listener::accept(self)
     }
+
+    fn accept_within(&mut self, channel: ChannelRole, bound: Duration) -> Result<Conn, LinkError> {
+        Listener::accept_within(self, channel, bound)
+    }
 }
 
 impl Acceptor for &Listener {
     fn accept(&mut self, _channel: ChannelRole) -> Result<Conn, LinkError> {
         Listener::accept(self)
+    }
+
+    fn accept_within(&mut self, channel: ChannelRole, bound: Duration) -> Result<Conn, LinkError> {
+        Listener::accept_within(self, channel, bound)
     }
 }
 
@@ -395,6 +420,43 @@ impl Listener {
         };
         tune(&c);
         Ok(c)
+    }
+
+    /// Accepts the connection for `channel`, waiting at most `bound`.
+    pub fn accept_within(&self, channel: ChannelRole, bound: Duration) -> Result<Conn, LinkError> {
+        let fd = match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l, _) => l.as_raw_fd(),
+        };
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(bound.as_millis()).unwrap_or(libc::c_int::MAX);
+        loop {
+            // SAFETY: one valid pollfd, alive for the call, on a listening
+            // socket this listener owns.
+            let rc = unsafe { libc::poll(&mut p, 1, ms) };
+            match rc {
+                0 => {
+                    return Err(LinkError::AcceptTimeout {
+                        channel,
+                        after_ms: u64::try_from(bound.as_millis()).unwrap_or(u64::MAX),
+                    })
+                }
+                r if r > 0 => return self.accept(),
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(LinkError::Io {
+                            what: "waiting for a connection",
+                            source: e,
+                        });
+                    }
+                }
+            }
+        }
     }
 }
 

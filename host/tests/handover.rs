@@ -653,3 +653,29 @@ fn a_destination_that_stops_reading_in_precopy_ends_the_migration_within_give_up
     );
     drop(writer);
 }
+
+#[test]
+fn a_source_that_never_opens_its_bulk_channel_is_given_up_within_the_handshake_bound() {
+    let (r, started, took) = destination_against(|ep| {
+        let mut c = link::connect(&ep).expect("connect");
+        c.write_all(&hello_for(8 * MIB, 2)).expect("hello");
+        let mut accept = [0u8; ferry_core::wire::HEADER_LEN];
+        c.read_exact(&mut accept).expect("accept");
+        // No bulk connection; the control connection stays open, silent.
+        thread::sleep(Duration::from_secs(4));
+    });
+    let e = r.expect_err("no bulk channel");
+    eprintln!("destination: {e}");
+    assert!(
+        matches!(
+            e.kind,
+            DestinationErrorKind::Link(link::LinkError::AcceptTimeout {
+                channel: link::ChannelRole::Bulk(0),
+                after_ms: 2000
+            })
+        ),
+        "{e:?}"
+    );
+    assert_eq!(started, 0);
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+}

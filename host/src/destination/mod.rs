@@ -1313,6 +1313,9 @@ fn open_channels(
 ) -> Result<Channels, DestinationErrorKind> {
     let probe = ferry_uring::probe();
     let postcopy_ram = neg.caps.postcopy_ram;
+    // A source that went away after the hello must not leave this side
+    // waiting for its data channels for good.
+    let bound = Duration::from_nanos(config.timeouts.handshake);
     // With postcopy into anonymous memory, nothing is received into
     // registered guest memory (a pinned page would not be the one mapped
     // after a zap); into memfd memory, pages land in the second mapping.
@@ -1336,14 +1339,14 @@ fn open_channels(
     let n_bulk = usize::from(neg.caps.channels.saturating_sub(extra)).max(1);
     let mut bulk = Vec::with_capacity(n_bulk);
     for i in 0..n_bulk {
-        let c = listener.accept(ChannelRole::Bulk(i))?;
+        let c = listener.accept_within(ChannelRole::Bulk(i), bound)?;
         bulk.push(
             AnyChannel::new(c, &regions, config.transport, &probe)
                 .map_err(transport_err(ChannelRole::Bulk(i)))?,
         );
     }
     let urgent = if postcopy_ram {
-        Some(listener.accept(ChannelRole::Urgent)?)
+        Some(listener.accept_within(ChannelRole::Urgent, bound)?)
     } else {
         None
     };
