@@ -56,9 +56,8 @@
 //! whole 64 MiB migration), so some never fire: those trials are controls
 //! and must end `done`.
 //!
-//! Both sides run with `--handover-timeout-s 2`. Each trial is bounded by
-//! `--bound-s` (45 s): the destination's idle and hello bounds are 30 s and
-//! not settable from the command line.
+//! Both sides run with `--handover-timeout-s 2 --idle-timeout-s 5`, so a
+//! stall ends in seconds. Each trial is bounded by `--bound-s` (45 s).
 //!
 //! # Held
 //!
@@ -667,7 +666,14 @@ fn run_trial(ferry: &Path, index: usize, seed: u64, set: &Settings) -> Result<Tr
             "64M",
             "--json",
         ])
-        .args(["--handover-timeout-s", "2", "--run-s", "0.5"])
+        .args([
+            "--handover-timeout-s",
+            "2",
+            "--idle-timeout-s",
+            "5",
+            "--run-s",
+            "0.5",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -734,7 +740,7 @@ fn run_trial(ferry: &Path, index: usize, seed: u64, set: &Settings) -> Result<Tr
             "20M",
             "--json",
         ])
-        .args(["--handover-timeout-s", "2"])
+        .args(["--handover-timeout-s", "2", "--idle-timeout-s", "5"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

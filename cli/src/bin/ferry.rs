@@ -108,6 +108,10 @@ struct MigrateArgs {
     /// of the stream, started after go.
     #[arg(long, default_value_t = 10)]
     handover_timeout_s: u64,
+    /// Bound, in seconds, on the handshake and on a destination that takes
+    /// no data while data is due.
+    #[arg(long, default_value_t = 30)]
+    idle_timeout_s: u64,
     /// Print the final report as JSON on stdout (progress stays off).
     #[arg(long)]
     json: bool,
@@ -175,6 +179,10 @@ struct ReceiveArgs {
     /// again, go after ready.
     #[arg(long, default_value_t = 10)]
     handover_timeout_s: u64,
+    /// Bound, in seconds, on the hello, the source's data channels, and a
+    /// source that sends nothing while data is due.
+    #[arg(long, default_value_t = 30)]
+    idle_timeout_s: u64,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -213,15 +221,18 @@ fn human_rate(bps: u64) -> String {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The protocol's bounds with every handover wait set to `secs` seconds.
-fn handover_timeouts(secs: u64) -> ferry_core::session::Timeouts {
-    let n = secs.max(1).saturating_mul(ferry_core::session::SEC);
+/// The protocol's bounds: every handover wait set to `handover_s` seconds,
+/// the handshake and a silent or stalled peer to `idle_s` seconds.
+fn protocol_timeouts(handover_s: u64, idle_s: u64) -> ferry_core::session::Timeouts {
+    let n = handover_s.max(1).saturating_mul(ferry_core::session::SEC);
+    let idle = idle_s.max(1).saturating_mul(ferry_core::session::SEC);
     ferry_core::session::Timeouts {
+        handshake: idle,
+        idle,
         ready: n,
         go: n,
         started: n,
         resend: n,
-        ..ferry_core::session::Timeouts::DEFAULT
     }
 }
 
@@ -428,7 +439,7 @@ fn run_source(
         offer_postcopy_only_sections: m.postcopy_sections,
         postcopy_after_first_pass: m.postcopy,
         snapshot_bitmap: m.snapshot_bitmap,
-        timeouts: handover_timeouts(m.handover_timeout_s),
+        timeouts: protocol_timeouts(m.handover_timeout_s, m.idle_timeout_s),
         ..SourceConfig::default()
     };
     watch_sigusr1(config.postcopy.clone());
@@ -897,7 +908,7 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
     let config = destination::DestinationConfig {
         postcopy_ram: a.postcopy,
         postcopy_only_sections: a.postcopy,
-        timeouts: handover_timeouts(a.handover_timeout_s),
+        timeouts: protocol_timeouts(a.handover_timeout_s, a.idle_timeout_s),
         ..destination::DestinationConfig::new(a.transport.transport())
     };
     let seconds = if a.guest.memfd && a.postcopy {
