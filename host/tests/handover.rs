@@ -323,19 +323,7 @@ fn too_many_channels_are_refused_at_the_hello() {
 fn ready_is_refused_with_pages_missing() {
     // A source that sends the markers and the end of the stream but no page.
     let (r, started, _) = destination_against(|ep| {
-        let mut c = link::connect(&ep).expect("connect");
-        c.write_all(&hello_for(8 * MIB, 2)).expect("hello");
-        let mut bulk = link::connect(&ep).expect("bulk");
-        let m = memory(8 * MIB);
-        let neg = Negotiated::new(
-            Ram::from_memory(&m).layout().expect("layout"),
-            Capabilities {
-                postcopy_ram: false,
-                postcopy_only_sections: false,
-                payload_checksums: true,
-                channels: 2,
-            },
-        );
+        let (mut c, mut bulk, neg) = hostile(&ep);
         let (mut ctl_enc, mut bulk_enc) = (
             ferry_core::wire::StreamEncoder::new(&neg),
             ferry_core::wire::StreamEncoder::new(&neg),
@@ -419,19 +407,7 @@ fn a_bad_checksum_on_a_page_from_the_paused_source_fails_the_migration() {
     // After the pause a page cannot be torn: a bad checksum is corruption,
     // never asked for again and never installed silently.
     let (r, started, _) = destination_against(|ep| {
-        let mut c = link::connect(&ep).expect("connect");
-        c.write_all(&hello_for(8 * MIB, 2)).expect("hello");
-        let mut bulk = link::connect(&ep).expect("bulk");
-        let m = memory(8 * MIB);
-        let neg = Negotiated::new(
-            Ram::from_memory(&m).layout().expect("layout"),
-            Capabilities {
-                postcopy_ram: false,
-                postcopy_only_sections: false,
-                payload_checksums: true,
-                channels: 2,
-            },
-        );
+        let (mut c, mut bulk, neg) = hostile(&ep);
         let mut enc = ferry_core::wire::StreamEncoder::new(&neg);
         let page = vec![0x33_u8; 4096];
         let mut h = [0u8; ferry_core::wire::HEADER_LEN];
