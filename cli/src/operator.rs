@@ -10,6 +10,10 @@
 //! |---|---|
 //! | `SIGUSR2` | resume the guest here (only when the other side never ran it) |
 //! | `SIGTERM` or `SIGINT` | discard the guest held here and exit |
+//!
+//! A postcopy cut off is different: both sides hold, and each keeps trying
+//! to resume it ([`hold_retrying`]) until it completes or the operator
+//! discards the guest.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -86,11 +90,7 @@ extern "C" fn on_discard(_: libc::c_int) {
     DECISION.store(DISCARD, Ordering::Release);
 }
 
-/// Prints `what` and the choices on standard error, then waits until the
-/// operator decides. With `allow_resume` false, `SIGUSR2` is refused with a
-/// message and the wait goes on.
-pub fn hold(what: &str, allow_resume: bool) -> Decision {
-    DECISION.store(NONE, Ordering::Release);
+fn install_handlers() {
     // SAFETY: the handlers only store to an atomic, which is
     // async-signal-safe; the function pointers live for the program.
     unsafe {
@@ -98,6 +98,51 @@ pub fn hold(what: &str, allow_resume: bool) -> Decision {
         libc::signal(libc::SIGTERM, on_discard as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_discard as *const () as libc::sighandler_t);
     }
+}
+
+/// Holds a guest whose postcopy was cut off while trying to take it up
+/// again: prints `what`, then calls `attempt` (one resume: it blocks for at
+/// most its own bounds) about every `every` until it gives a result, or
+/// until the operator discards the guest (`SIGTERM`, `SIGINT`), which
+/// returns `None`. `SIGUSR2` is refused: the guest runs on the destination.
+pub fn hold_retrying<T>(
+    what: &str,
+    every: Duration,
+    mut attempt: impl FnMut(u32) -> Option<T>,
+) -> Option<T> {
+    DECISION.store(NONE, Ordering::Release);
+    install_handlers();
+    let pid = std::process::id();
+    eprintln!("ferry: {what}");
+    eprintln!("ferry: this process holds the guest and tries to resume the migration every {} s; it will not exit on its own (pid {pid}).", every.as_secs_f64());
+    eprintln!("ferry:   kill -TERM {pid}   discard the guest held here and exit");
+    let mut tries = 0u32;
+    loop {
+        match DECISION.swap(NONE, Ordering::AcqRel) {
+            DISCARD => return None,
+            RESUME => eprintln!("ferry: resuming here is not possible for this guest; discard it with kill -TERM {pid}"),
+            _ => {}
+        }
+        tries += 1;
+        if let Some(t) = attempt(tries) {
+            return Some(t);
+        }
+        let until = std::time::Instant::now() + every;
+        while std::time::Instant::now() < until {
+            if DECISION.load(Ordering::Acquire) == DISCARD {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Prints `what` and the choices on standard error, then waits until the
+/// operator decides. With `allow_resume` false, `SIGUSR2` is refused with a
+/// message and the wait goes on.
+pub fn hold(what: &str, allow_resume: bool) -> Decision {
+    DECISION.store(NONE, Ordering::Release);
+    install_handlers();
     let pid = std::process::id();
     eprintln!("ferry: {what}");
     eprintln!("ferry: this process holds the guest and will not exit on its own (pid {pid}).");

@@ -39,6 +39,7 @@ fn ready_then_vanish(listener: TcpListener) -> Option<Repr> {
     ret.send(&ReturnRepr::Accept {
         max_channels: 16,
         max_device_bytes: 1 << 30,
+        session: 0,
     })
     .ok()?;
     let (bulk, _) = listener.accept().ok()?;

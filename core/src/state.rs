@@ -142,6 +142,14 @@ impl StateMachine {
         }
     }
 
+    /// A migration whose postcopy lost its connection, as the side that
+    /// resumes it takes it up: in `PostcopyPaused`.
+    pub const fn postcopy_paused() -> StateMachine {
+        StateMachine {
+            state: MigrationState::PostcopyPaused,
+        }
+    }
+
     /// The current state.
     pub const fn state(&self) -> MigrationState {
         self.state

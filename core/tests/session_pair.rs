@@ -510,6 +510,7 @@ fn ready_then_silence_holds_the_guest_and_never_completes() {
         &ReturnRepr::Accept {
             max_channels: 2,
             max_device_bytes: 100,
+            session: 0,
         },
     )
     .unwrap();
@@ -555,6 +556,7 @@ fn a_stall_at_stop_and_copy_resumes_on_the_source() {
         &ReturnRepr::Accept {
             max_channels: 2,
             max_device_bytes: 100,
+            session: 0,
         },
     )
     .unwrap();
@@ -590,7 +592,10 @@ fn destination_waits_are_bounded() {
     // Silence in precopy, measured from the last byte on any channel.
     let mut d = DestinationSession::new(0, t, LIMITS);
     d.accept_hello(0, 2, false).unwrap();
-    assert_eq!(d.poll_transmit(), Some(DestinationControl::Accept(LIMITS)));
+    assert_eq!(
+        d.poll_transmit(),
+        Some(DestinationControl::Accept(LIMITS, 0))
+    );
     d.note_activity(5 * SEC);
     d.handle_timeout(5 * SEC + t.idle - 1);
     assert!(!d.is_ended());
@@ -750,6 +755,7 @@ fn limits_are_enforced_on_both_sides() {
             &ReturnRepr::Accept {
                 max_channels: 4,
                 max_device_bytes: 0,
+                session: 0,
             },
         )
         .unwrap_err();
@@ -762,6 +768,7 @@ fn limits_are_enforced_on_both_sides() {
         &ReturnRepr::Accept {
             max_channels: 4,
             max_device_bytes: 10,
+            session: 0,
         },
     )
     .unwrap();
@@ -779,6 +786,7 @@ fn cancel_only_before_go() {
         &ReturnRepr::Accept {
             max_channels: 4,
             max_device_bytes: 10,
+            session: 0,
         },
     )
     .unwrap();
@@ -805,6 +813,7 @@ fn an_error_from_the_destination_before_go_resumes_the_source() {
         &ReturnRepr::Accept {
             max_channels: 4,
             max_device_bytes: 10,
+            session: 0,
         },
     )
     .unwrap();
@@ -829,4 +838,136 @@ fn an_error_from_the_destination_before_go_resumes_the_source() {
     let mut s = SourceSession::new(0, Timeouts::DEFAULT, 2);
     assert!(s.handle_return(1, &ReturnRepr::Started).is_err());
     assert_eq!(s.custody(), Custody::Runs);
+}
+
+// ---- Resuming an interrupted postcopy ----
+
+const SESSION: u32 = 0x1234_5678;
+
+/// Both sides' sessions after a postcopy cut off: each takes it up again,
+/// the destination asks for what it misses, and the final *ready* ends it.
+#[test]
+fn a_resumed_postcopy_completes_and_names_its_session() {
+    let t = Timeouts::DEFAULT;
+    // The session id the destination gives, and the source learns.
+    let mut d0 = DestinationSession::new(0, t, LIMITS).with_session_id(SESSION);
+    d0.accept_hello(0, 3, true).unwrap();
+    let accept = d0.poll_transmit().unwrap();
+    assert_eq!(accept, DestinationControl::Accept(LIMITS, SESSION));
+    let mut s0 = SourceSession::new(0, t, 3);
+    s0.handle_return(1, &accept.repr()).unwrap();
+    assert_eq!(s0.session_id(), SESSION);
+
+    let mut s = SourceSession::resume(0, t, 3, SESSION, Switchover::PostcopyRam);
+    let mut d = DestinationSession::resume(0, t, LIMITS, SESSION, ferry_core::session::Mode::Ram);
+    // Held from the start on both sides, paused in postcopy.
+    assert_eq!(s.custody(), Custody::Holds);
+    assert_eq!(d.custody(), Custody::Holds);
+    assert_eq!(s.state(), MigrationState::PostcopyPaused);
+    assert_eq!(d.state(), MigrationState::PostcopyPaused);
+    assert!(s.go_sent() && d.go_received());
+    assert!(s.cancel(1).is_err(), "a resume cannot be cancelled");
+    d.accept_resume(1, 3, SESSION).unwrap();
+    let accept = d.poll_transmit().unwrap();
+    assert_eq!(accept, DestinationControl::Accept(LIMITS, SESSION));
+    assert_eq!(d.state(), MigrationState::PostcopyActive);
+    s.handle_return(2, &accept.repr()).unwrap();
+    assert_eq!(s.state(), MigrationState::PostcopyActive);
+    // Page requests are served again.
+    assert!(matches!(
+        s.handle_return(
+            3,
+            &ReturnRepr::PageRequest {
+                region: 0,
+                first: 5,
+                count: 1
+            }
+        ),
+        Ok(SourceAction::PageRequest { first: 5, .. })
+    ));
+    d.handle_record(4, &Repr::PostcopyRun).unwrap();
+    s.finish_postcopy(5).unwrap();
+    assert_eq!(s.poll_transmit(5), Some(SourceControl::End));
+    d.handle_record(6, &Repr::End).unwrap();
+    assert!(std::iter::from_fn(|| d.poll_event()).any(|e| e == DestinationEvent::FinishPostcopy));
+    d.postcopy_complete(7).unwrap();
+    let ready = d.poll_transmit().unwrap();
+    assert_eq!(ready, DestinationControl::Ready);
+    s.handle_return(8, &ready.repr()).unwrap();
+    assert_eq!(s.custody(), Custody::Released);
+    assert_eq!(d.custody(), Custody::Runs);
+    assert_eq!(s.state(), MigrationState::Completed);
+    assert_eq!(d.state(), MigrationState::Completed);
+}
+
+/// A resume that names another session is refused on each side, and each
+/// keeps holding, paused in postcopy; so is a new migration's hello at a
+/// destination that holds a guest for a resume, and a resume at a fresh one.
+#[test]
+fn a_resume_of_another_session_is_refused_and_both_sides_keep_holding() {
+    let t = Timeouts::DEFAULT;
+    let mode = ferry_core::session::Mode::Ram;
+    let mut d = DestinationSession::resume(0, t, LIMITS, SESSION, mode);
+    let e = d.accept_resume(1, 3, SESSION ^ 1).unwrap_err();
+    assert_eq!(e.failure, Failure::WrongSession);
+    assert_eq!(e.custody, Custody::Holds);
+    assert_eq!(d.state(), MigrationState::PostcopyPaused);
+    assert_eq!(
+        d.poll_transmit(),
+        Some(DestinationControl::Error(ErrorCode::Handshake))
+    );
+
+    let mut d = DestinationSession::resume(0, t, LIMITS, SESSION, mode);
+    let e = d.accept_hello(1, 3, true).unwrap_err();
+    assert_eq!(e.failure, Failure::WrongSession);
+    assert_eq!(d.custody(), Custody::Holds);
+
+    let mut d = DestinationSession::new(0, t, LIMITS).with_session_id(SESSION);
+    let e = d.accept_resume(1, 3, SESSION).unwrap_err();
+    assert_eq!(e.failure, Failure::WrongSession, "nothing to resume here");
+    assert_eq!(d.custody(), Custody::Released);
+
+    let mut s = SourceSession::resume(0, t, 3, SESSION, Switchover::PostcopyRam);
+    let e = s
+        .handle_return(
+            1,
+            &ReturnRepr::Accept {
+                max_channels: 4,
+                max_device_bytes: 0,
+                session: SESSION + 1,
+            },
+        )
+        .unwrap_err();
+    assert_eq!(e.failure, Failure::WrongSession);
+    assert_eq!(s.custody(), Custody::Holds);
+    assert_eq!(s.state(), MigrationState::PostcopyPaused);
+    assert_eq!(s.poll_transmit(2), None, "nothing goes out");
+}
+
+/// The resume's waits are bounded, and running out of them leaves both
+/// sides holding, paused in postcopy (so the next resume can try again).
+#[test]
+fn a_resume_that_times_out_keeps_the_guest_held() {
+    let t = Timeouts::DEFAULT;
+    let mut s = SourceSession::resume(0, t, 3, SESSION, Switchover::PostcopyRam);
+    s.handle_timeout(t.handshake);
+    assert_eq!(
+        s.failure().unwrap().failure,
+        Failure::Timeout {
+            wait: Wait::Handshake,
+            after_ns: t.handshake
+        }
+    );
+    assert_eq!(s.custody(), Custody::Holds);
+    assert_eq!(s.state(), MigrationState::PostcopyPaused);
+    let mut d = DestinationSession::resume(0, t, LIMITS, SESSION, ferry_core::session::Mode::Ram);
+    d.handle_timeout(t.handshake);
+    assert_eq!(d.custody(), Custody::Holds);
+    assert_eq!(d.state(), MigrationState::PostcopyPaused);
+    // Accepted, then the link breaks again: still held, still paused.
+    let mut d = DestinationSession::resume(0, t, LIMITS, SESSION, ferry_core::session::Mode::Ram);
+    d.accept_resume(1, 3, SESSION).unwrap();
+    d.link_failed(2);
+    assert_eq!(d.custody(), Custody::Holds);
+    assert_eq!(d.state(), MigrationState::PostcopyPaused);
 }

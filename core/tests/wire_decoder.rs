@@ -403,6 +403,7 @@ fn return_path_byte_at_a_time() {
         ReturnRepr::Accept {
             max_channels: 4,
             max_device_bytes: 1 << 20,
+            session: 0,
         },
         ReturnRepr::PageRequest {
             region: 9,

@@ -410,6 +410,7 @@ fn return_refused(bad: &[u8]) -> DecodeError {
     ReturnRepr::Accept {
         max_channels: 4,
         max_device_bytes: 0,
+        session: 0,
     }
     .emit(0, &mut stream);
     let mut all = stream.to_vec();
@@ -476,11 +477,19 @@ fn return_nonzero_fields() {
             field: Field::First
         }
     );
-    // Accept carries its limits in id and first; count stays zero.
+    // Accept carries its limits in id and first, and its session in count.
+    let mut dec = ReturnDecoder::new(neg());
+    let bytes = raw(0x85, 0, 4, 0x0102_0304, 8, 0, 0, 0);
+    let rec = bytes
+        .chunks(1)
+        .find_map(|b| dec.step(b).unwrap().1)
+        .expect("an accept decodes");
     assert_eq!(
-        return_refused(&raw(0x85, 0, 4, 1, 8, 0, 0, 1)).cause,
-        Cause::NonZero {
-            field: Field::Count
+        rec.repr,
+        ReturnRepr::Accept {
+            max_channels: 4,
+            max_device_bytes: 8,
+            session: 0x0102_0304
         }
     );
     assert_eq!(
@@ -653,8 +662,15 @@ fn hello_magic_version_caps_reserved() {
         })
     );
 
+    // Bytes 20..24 of the fixed part name a session to resume; 24..32 are
+    // reserved.
     let mut b = good.clone();
     b[55] = 1;
+    reseal(&mut b);
+    assert_eq!(Hello::parse(&b).map(|h| h.resume), Ok(1 << 24));
+
+    let mut b = good.clone();
+    b[56] = 1;
     reseal(&mut b);
     assert_eq!(Hello::parse(&b), Err(HandshakeError::Reserved));
 

@@ -457,6 +457,7 @@ fn return_cases() -> Vec<([u8; HEADER_LEN], ReturnRepr)> {
             ReturnRepr::Accept {
                 max_channels: 0,
                 max_device_bytes: 0,
+                session: 0,
             },
         ),
         (RET_STARTED, ReturnRepr::Started),
@@ -465,6 +466,7 @@ fn return_cases() -> Vec<([u8; HEADER_LEN], ReturnRepr)> {
             ReturnRepr::Accept {
                 max_channels: 9,
                 max_device_bytes: 1 << 20,
+                session: 0,
             },
         ),
     ]

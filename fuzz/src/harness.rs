@@ -569,6 +569,7 @@ impl Gen<'_> {
             _ => ReturnRepr::Accept {
                 max_channels: u16::from(self.u8()),
                 max_device_bytes: self.u64(),
+                session: u32::from(self.u8()) << 8,
             },
         }
     }
@@ -819,6 +820,7 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         ReturnRepr::Accept {
             max_channels: 4,
             max_device_bytes: 1 << 20,
+            session: 0,
         },
         ReturnRepr::PageRequest {
             region: 0,
@@ -1059,6 +1061,7 @@ fn session_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     let accept = S::Return(ReturnRepr::Accept {
         max_channels: 4,
         max_device_bytes: 1 << 20,
+        session: 0,
     });
     let ready = S::Return(ReturnRepr::Ready);
     let started = S::Return(ReturnRepr::Started);
@@ -1154,6 +1157,7 @@ fn session_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
                 S::Return(ReturnRepr::Accept {
                     max_channels: 4,
                     max_device_bytes: 10,
+                    session: 0,
                 }),
                 S::Pause(Switchover::StopAndCopy),
                 S::CheckDeviceBytes(11),
@@ -1446,6 +1450,7 @@ impl Gen<'_> {
                 ReturnRepr::Accept {
                     max_channels,
                     max_device_bytes: self.amount(),
+                    session: 0,
                 }
             }
         }
@@ -1605,6 +1610,7 @@ impl Put {
             ReturnRepr::Accept {
                 max_channels,
                 max_device_bytes,
+                ..
             } => {
                 self.u8(5);
                 self.channels(max_channels);
@@ -2128,7 +2134,7 @@ pub fn run_destination(input: &DstInput) -> SessionRun {
         while let Some(t) = s.poll_transmit() {
             ensure!(at, s, !seen.error_sent, "{t:?} sent after the error");
             match t {
-                DestinationControl::Accept(l) => {
+                DestinationControl::Accept(l, _) => {
                     ensure!(at, s, seen.hello_ok && !seen.accept_sent, "accept unasked");
                     ensure!(at, s, l == limits, "accept states {l:?}, not {limits:?}");
                     seen.accept_sent = true;

@@ -137,6 +137,15 @@ pub enum LinkError {
         /// The limit this side stated.
         limit: u16,
     },
+    /// A hello named a session to resume that this side does not hold, or a
+    /// new migration's hello reached a side that holds a guest for a resume.
+    #[error("the source's hello resumes session {asked:#010x}, but this side holds {held}")]
+    WrongSession {
+        /// The session the hello named (0: a new migration).
+        asked: u32,
+        /// What this side holds, for the message.
+        held: &'static str,
+    },
 }
 
 /// Where a destination listens and a source connects.
@@ -564,6 +573,7 @@ pub fn destination_handshake(
     ctl.set_read_timeout(None)
         .map_err(io_err("clearing a timeout"))?;
     let theirs = Hello::parse(&buf[..HEADER_LEN + rest]);
+    let resume = theirs.as_ref().map(|h| h.resume).unwrap_or(0);
     // We serve any number of channels the source opens, up to the wire's
     // limit: take its count as ours.
     let neg = theirs.and_then(|h| {
@@ -586,12 +596,26 @@ pub fn destination_handshake(
             Err(LinkError::ChecksumsRequired)
         }
         Ok(neg) => {
-            let accepted = session.accept_hello(now, neg.caps.channels, neg.caps.postcopy_ram);
+            let accepted = if resume != 0 || session.is_resume() {
+                session.accept_resume(now, neg.caps.channels, resume)
+            } else {
+                session.accept_hello(now, neg.caps.channels, neg.caps.postcopy_ram)
+            };
             while let Some(c) = session.poll_transmit() {
                 ret.send(&c.repr()).map_err(io_err("answering the hello"))?;
             }
             match accepted {
                 Ok(()) => Ok(neg),
+                Err(e) if e.failure == ferry_core::session::Failure::WrongSession => {
+                    Err(LinkError::WrongSession {
+                        asked: resume,
+                        held: if session.is_resume() {
+                            "another session's interrupted postcopy"
+                        } else {
+                            "no interrupted postcopy"
+                        },
+                    })
+                }
                 Err(_) => Err(LinkError::TooManyChannels {
                     asked: neg.caps.channels,
                     limit: session.limits().max_channels,

@@ -382,6 +382,8 @@ fn a_destination_without_postcopy_refuses_the_capability() {
 struct Proxy {
     addr: std::net::SocketAddr,
     conns: Arc<Mutex<Vec<TcpStream>>>,
+    /// Connections still to drop at once after they are made (both ends).
+    drop_next: Arc<AtomicU64>,
 }
 
 impl Proxy {
@@ -389,12 +391,21 @@ impl Proxy {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let c = conns.clone();
+        let drop_next = Arc::new(AtomicU64::new(0));
+        let (c, d) = (conns.clone(), drop_next.clone());
         thread::spawn(move || {
             while let Ok((a, _)) = l.accept() {
                 let Ok(b) = TcpStream::connect(target) else {
                     return;
                 };
+                if d.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    // Both ends see the connection made, then broken.
+                    let _ = a.shutdown(std::net::Shutdown::Both);
+                    let _ = b.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
                 let _ = (a.set_nodelay(true), b.set_nodelay(true));
                 let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
                 c.lock()
@@ -408,7 +419,11 @@ impl Proxy {
                 }
             }
         });
-        Proxy { addr, conns }
+        Proxy {
+            addr,
+            conns,
+            drop_next,
+        }
     }
 
     fn cut(&self) {
@@ -416,121 +431,6 @@ impl Proxy {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
     }
-}
-
-/// The connection is lost in postcopy: the destination's "vCPU" stays
-/// blocked on its fault (nothing is written wrongly), the source keeps every
-/// page and its guest paused, and both say what happened.
-#[test]
-fn connection_lost_in_postcopy_leaves_faults_waiting_and_the_source_paused() {
-    let size = 32 * MIB;
-    let pages = size / PAGE_SIZE;
-    let src_mem = memory(size);
-    let dst_mem = memory(size);
-    fill(&src_mem);
-    let listener = Listener::bind(&"127.0.0.1:0".parse().unwrap()).unwrap();
-    let Endpoint::Tcp(target) = listener.local_endpoint().unwrap() else {
-        panic!("tcp")
-    };
-    let proxy = Proxy::start(target);
-    let (src_ram, dst_ram) = (Ram::from_memory(&src_mem), Ram::from_memory(&dst_mem));
-    let src_base = src_mem.regions()[0].host_ptr() as usize;
-    let mut tracker = tracker_for(&src_mem);
-    let mut writer = Writer::start(src_base, pages, 64);
-    let mut reader = Reader::new(dst_mem.regions()[0].host_ptr() as usize, src_base, pages);
-    let started = reader.started.clone();
-    let transport = Transport::Uring(UringConfig::default());
-    let (src, dst) = thread::scope(|s| {
-        let dst = s.spawn(|| {
-            destination::receive_with(&listener, &dst_ram, &mut reader, &postcopy_dest(transport))
-        });
-        s.spawn(|| {
-            while !started.load(Ordering::Acquire) {
-                thread::sleep(Duration::from_millis(5));
-            }
-            thread::sleep(Duration::from_millis(150));
-            proxy.cut();
-        });
-        let link = SourceLink {
-            endpoint: Endpoint::Tcp(proxy.addr),
-            transport,
-            bulk_channels: 1,
-        };
-        let config = SourceConfig {
-            bandwidth_cap: Some(16 * MIB),
-            offer_postcopy_ram: true,
-            postcopy_after_first_pass: true,
-            ..SourceConfig::default()
-        };
-        let src = source::migrate(
-            &src_ram,
-            &mut tracker,
-            &mut writer,
-            &config,
-            &link,
-            &mut |_| {},
-        );
-        (src, dst.join().unwrap())
-    });
-    let err = src.expect_err("the source sees the connection go");
-    eprintln!("source: {err}");
-    assert!(
-        matches!(err, SourceError::PostcopyInterrupted { .. }),
-        "{err}"
-    );
-    assert!(err.to_string().contains("stays paused"), "{err}");
-    assert_eq!(writer.pauses.load(Ordering::Relaxed), 1);
-    assert_eq!(
-        writer.resumes.load(Ordering::Relaxed),
-        0,
-        "never resumed on the source"
-    );
-    let derr = dst.expect_err("the destination sees the connection go");
-    eprintln!("destination: {derr}");
-    assert!(derr.go_received);
-    assert!(
-        matches!(derr.kind, DestinationErrorKind::PostcopyLost { .. }),
-        "{derr}"
-    );
-    let hold = derr.postcopy_hold.expect("the state for recovery is kept");
-    assert!(hold.missing_pages > 0);
-    assert!(!hold.missing_runs.is_empty());
-    // The reader soon touches a missing page and stays blocked there.
-    thread::sleep(Duration::from_millis(200));
-    let a = reader.checked.load(Ordering::Relaxed);
-    thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        reader.checked.load(Ordering::Relaxed),
-        a,
-        "the reader waits on its fault"
-    );
-    assert_eq!(
-        reader.mismatches.load(Ordering::Relaxed),
-        0,
-        "nothing was written wrongly"
-    );
-    // Every page the destination has is the source's final copy.
-    let dst_base = dst_mem.regions()[0].host_ptr() as usize;
-    let missing: std::collections::HashSet<u64> = hold
-        .missing_runs
-        .iter()
-        .flat_map(|&(_, f, c)| f..f + u64::from(c))
-        .collect();
-    for p in (0..pages).filter(|p| !missing.contains(p)) {
-        let off = (p * PAGE_SIZE) as usize;
-        // SAFETY: the page is present on the destination; the source is paused.
-        let (x, y) = unsafe {
-            (
-                std::slice::from_raw_parts((dst_base + off) as *const u8, PAGE_SIZE as usize),
-                std::slice::from_raw_parts((src_base + off) as *const u8, PAGE_SIZE as usize),
-            )
-        };
-        assert_eq!(x, y, "page {p}");
-    }
-    // Cleanup: closing the userfaultfd lets the reader go on.
-    reader.stop.store(true, Ordering::Release);
-    drop(hold);
-    reader.join();
 }
 
 /// The thread's worry: a large postcopy-only section (the snapshot dirty
@@ -700,4 +600,218 @@ fn postcopy_negotiated_but_not_asked_stays_precopy() {
     assert!(writer.written.load(Ordering::Relaxed) > 0);
     assert_eq!(writer.pauses.load(Ordering::Relaxed), 1);
     same_bytes(&src_mem, &dst_mem).expect("destination RAM equals source RAM");
+}
+
+/// Postcopy recovery, in the manner of QEMU's `postcopy/recovery/plain`
+/// and `recovery/double-failures`: the link is cut in postcopy, both sides
+/// pause (the destination's reader blocks on its fault, nothing is written
+/// wrongly, the source's guest stays paused and both say so), then the source
+/// comes back with a resume naming the session and the migration completes,
+/// every page equal to the source's. With `fail_first`, the first resume's
+/// connection breaks during its handshake (a second failure), both sides
+/// hold again, and a second resume completes. With `wrong_session`, a resume
+/// naming another session is refused first and changes nothing.
+fn recovery_scenario(fail_first: bool, wrong_session: bool) {
+    let size = 32 * MIB;
+    let pages = size / PAGE_SIZE;
+    let src_mem = memory(size);
+    let dst_mem = memory(size);
+    fill(&src_mem);
+    let listener = Listener::bind(&"127.0.0.1:0".parse().unwrap()).unwrap();
+    let Endpoint::Tcp(target) = listener.local_endpoint().unwrap() else {
+        panic!("tcp")
+    };
+    let proxy = Proxy::start(target);
+    let (src_ram, dst_ram) = (Ram::from_memory(&src_mem), Ram::from_memory(&dst_mem));
+    let src_base = src_mem.regions()[0].host_ptr() as usize;
+    let mut tracker = tracker_for(&src_mem);
+    let mut writer = Writer::start(src_base, pages, 64);
+    let mut reader = Reader::new(dst_mem.regions()[0].host_ptr() as usize, src_base, pages);
+    let started = reader.started.clone();
+    let transport = Transport::Uring(UringConfig::default());
+    let link = SourceLink {
+        endpoint: Endpoint::Tcp(proxy.addr),
+        transport,
+        bulk_channels: 1,
+    };
+    let config = SourceConfig {
+        bandwidth_cap: Some(16 * MIB),
+        offer_postcopy_ram: true,
+        postcopy_after_first_pass: true,
+        ..SourceConfig::default()
+    };
+    let mut dconfig = postcopy_dest(transport);
+    dconfig.timeouts.handshake = Duration::from_secs(5).as_nanos() as u64;
+    let (src, dst) = thread::scope(|s| {
+        let dst = s.spawn(|| destination::receive_with(&listener, &dst_ram, &mut reader, &dconfig));
+        s.spawn(|| {
+            while !started.load(Ordering::Acquire) {
+                thread::sleep(Duration::from_millis(5));
+            }
+            thread::sleep(Duration::from_millis(150));
+            proxy.cut();
+        });
+        let src = source::migrate(
+            &src_ram,
+            &mut tracker,
+            &mut writer,
+            &config,
+            &link,
+            &mut |_| {},
+        );
+        (src, dst.join().unwrap())
+    });
+    // The source says what happened and keeps its guest paused.
+    let err = src.expect_err("the source sees the link go");
+    assert!(err.to_string().contains("stays paused"), "{err}");
+    let SourceError::PostcopyInterrupted { hold: shold, .. } = err else {
+        panic!("not interrupted in postcopy: {err}")
+    };
+    assert_eq!(writer.pauses.load(Ordering::Relaxed), 1);
+    // The destination holds the guest, its faults waiting.
+    let derr = dst.expect_err("the destination sees the link go");
+    assert!(derr.go_received);
+    assert!(
+        matches!(derr.kind, DestinationErrorKind::PostcopyLost { .. }),
+        "{derr}"
+    );
+    let mut dhold = derr.postcopy_hold.expect("the destination holds the guest");
+    let missing_before = dhold.missing_pages;
+    assert!(missing_before > 0 && !dhold.missing_runs.is_empty());
+    assert_eq!(shold.session, dhold.session, "both sides name one session");
+    assert_ne!(shold.session, 0);
+    // Paused on both sides: the reader waits on its fault.
+    thread::sleep(Duration::from_millis(200));
+    let a = reader.checked.load(Ordering::Relaxed);
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        reader.checked.load(Ordering::Relaxed),
+        a,
+        "the reader waits"
+    );
+    assert_eq!(reader.mismatches.load(Ordering::Relaxed), 0);
+    // Every page the destination has is the source's final copy.
+    let dst_base = dst_mem.regions()[0].host_ptr() as usize;
+    let missing: std::collections::HashSet<u64> = dhold
+        .missing_runs
+        .iter()
+        .flat_map(|&(_, f, c)| f..f + u64::from(c))
+        .collect();
+    for p in (0..pages).filter(|p| !missing.contains(p)) {
+        let off = (p * PAGE_SIZE) as usize;
+        // SAFETY: the page is present on the destination; the source is paused.
+        let (x, y) = unsafe {
+            (
+                std::slice::from_raw_parts((dst_base + off) as *const u8, PAGE_SIZE as usize),
+                std::slice::from_raw_parts((src_base + off) as *const u8, PAGE_SIZE as usize),
+            )
+        };
+        assert_eq!(x, y, "page {p}");
+    }
+
+    if wrong_session {
+        let mut other = (*shold).clone();
+        other.session ^= 0x5a5a_5a5a;
+        let (s_err, d_err) = thread::scope(|s| {
+            let d = s.spawn(|| {
+                destination::resume_postcopy(
+                    &listener,
+                    &dst_ram,
+                    None,
+                    &dhold,
+                    &mut reader,
+                    &dconfig,
+                )
+            });
+            let r = source::resume_postcopy(&src_ram, &config, &link, &other, &mut |_| {});
+            (r, d.join().unwrap())
+        });
+        let s_err = s_err.expect_err("a resume of another session is refused");
+        assert!(
+            matches!(s_err, SourceError::PostcopyInterrupted { .. }),
+            "{s_err}"
+        );
+        let d_err = d_err.expect_err("the destination refuses it");
+        eprintln!("wrong session: source: {s_err}\ndestination: {d_err}");
+        assert!(d_err.to_string().contains("resumes session"), "{d_err}");
+        dhold = d_err.postcopy_hold.expect("still held");
+        assert_eq!(dhold.missing_pages, missing_before, "nothing was taken");
+    }
+    let mut shold = shold;
+    if fail_first {
+        // The resume's control connection breaks at once: a second failure,
+        // during the recovery handshake.
+        proxy.drop_next.store(1, Ordering::Release);
+        let (s_err, d_err) = thread::scope(|s| {
+            let d = s.spawn(|| {
+                destination::resume_postcopy(
+                    &listener,
+                    &dst_ram,
+                    None,
+                    &dhold,
+                    &mut reader,
+                    &dconfig,
+                )
+            });
+            let r = source::resume_postcopy(&src_ram, &config, &link, &shold, &mut |_| {});
+            (r, d.join().unwrap())
+        });
+        let SourceError::PostcopyInterrupted { hold, .. } =
+            s_err.expect_err("the first resume fails")
+        else {
+            panic!("not interrupted")
+        };
+        shold = hold;
+        let d_err = d_err.expect_err("the destination's first resume fails");
+        eprintln!("double failure: destination: {d_err}");
+        dhold = d_err.postcopy_hold.expect("held again");
+    }
+    let (s_ok, d_ok) = thread::scope(|s| {
+        let d = s.spawn(|| {
+            destination::resume_postcopy(&listener, &dst_ram, None, &dhold, &mut reader, &dconfig)
+        });
+        let r = source::resume_postcopy(&src_ram, &config, &link, &shold, &mut |_| {});
+        (r, d.join().unwrap())
+    });
+    let s_report = s_ok.expect("the resumed migration completes on the source");
+    let d_report = d_ok.expect("the resumed migration completes on the destination");
+    eprintln!(
+        "resumed: {missing_before} pages were missing; source sent {} bytes",
+        s_report.bytes_sent
+    );
+    assert!(d_report.postcopy.is_some());
+    let served = s_report.postcopy.expect("postcopy report").pages_requested;
+    assert!(
+        served >= missing_before,
+        "every missing page was asked for and served: {served} of {missing_before}"
+    );
+    thread::sleep(Duration::from_millis(100));
+    assert!(
+        reader.checked.load(Ordering::Relaxed) > a,
+        "the reader runs again"
+    );
+    reader.join();
+    assert_eq!(
+        writer.resumes.load(Ordering::Relaxed),
+        0,
+        "never resumed on the source"
+    );
+    assert_eq!(reader.mismatches.load(Ordering::Relaxed), 0);
+    same_bytes(&src_mem, &dst_mem).expect("destination RAM equals source RAM");
+    drop(dhold);
+}
+
+#[test]
+fn postcopy_recovery_plain_completes_after_a_cut() {
+    recovery_scenario(false, false);
+}
+
+#[test]
+fn postcopy_recovery_survives_a_second_failure_in_its_handshake() {
+    recovery_scenario(true, false);
+}
+
+#[test]
+fn postcopy_recovery_refuses_another_session_and_keeps_the_hold() {
+    recovery_scenario(false, true);
 }

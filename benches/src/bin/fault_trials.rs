@@ -4,8 +4,8 @@
 //!
 //! ```text
 //! cargo build --release -p ferry-cli --bin ferry -p ferry-benches --bin fault_trials
-//! target/release/fault_trials --trials 40 [--seed S] [--json]
-//!     [--faults reset,stall,kill] [--trial-seed X] [--expect-bytes N] [--bound-s 45]
+//! target/release/fault_trials --trials 40 [--seed S] [--json] [--postcopy]
+//!     [--faults reset,stall,kill,handover,cut] [--trial-seed X] [--expect-bytes N] [--bound-s 45]
 //!     [--kill-window-ms 4000] [--ferry PATH] [--fault KIND:N]
 //! ```
 //!
@@ -32,12 +32,21 @@
 //! # The faults
 //!
 //! Weights: reset 45, kill 35, stall 20 (stalls are the long trials), and
-//! `handover` 30 when asked for with `--faults` (not in the default list).
+//! `handover` 30 and `cut` 45 when asked for with `--faults` (not in the
+//! default list).
+//!
+//! With `--postcopy` both sides run with `--postcopy` (postcopy after the
+//! first pass) and the source with `--bandwidth 64M`, so that postcopy lasts
+//! a while; 7 cuts in 10 then aim at it (95–112 % of `--expect-bytes`). A
+//! process that reports `held` is given 9 s instead of 3 to resume before it
+//! counts as holding.
 //!
 //! - `reset`: once the byte count reaches a threshold, every connection is
 //!   shut down in both directions at once (both the source's and the
 //!   destination's sockets) and closed; connections opened later are closed
 //!   at once.
+//! - `cut`: as `reset`, once; connections opened later pass (the link comes
+//!   back): a postcopy cut off resumes through them.
 //! - `stall`: once the byte count reaches a threshold, nothing more is
 //!   forwarded either way, but every socket stays open until the trial ends;
 //!   later connections are accepted and left silent.
@@ -95,7 +104,9 @@
 //!    note says whether the other side runs it (the README's "go sent,
 //!    started never came" case: the destination runs the guest, the source
 //!    holds a paused copy the operator discards).
-//! 7. `done`: `ferry send` ok and `ferry receive` ok with 0 mismatches.
+//! 7. `done`: `ferry send` ok and `ferry receive` ok with 0 mismatches;
+//!    `recovered` when postcopy was cut off and resumed on the way (either
+//!    report's `recoveries` > 0).
 //! 8. `lost`: anything else, e.g. the source released the guest (done) but the
 //!    destination failed, or the source exited with an error and no guest.
 //!
@@ -166,6 +177,11 @@ enum Fault {
     Stall {
         after: u64,
     },
+    /// Every connection is reset once, at a byte threshold; connections made
+    /// afterwards pass (the link comes back: postcopy recovery reconnects).
+    Cut {
+        after: u64,
+    },
     Kill {
         side: Side,
         at: Duration,
@@ -186,6 +202,7 @@ impl Fault {
         match self {
             Fault::Reset { .. } => "reset",
             Fault::Stall { .. } => "stall",
+            Fault::Cut { .. } => "cut",
             Fault::Handover {
                 stall: false,
                 from_start: true,
@@ -209,7 +226,9 @@ impl Fault {
     }
     fn detail(&self) -> String {
         match self {
-            Fault::Reset { after } | Fault::Stall { after } => format!("after {after} B"),
+            Fault::Reset { after } | Fault::Stall { after } | Fault::Cut { after } => {
+                format!("after {after} B")
+            }
             Fault::Kill { at, .. } => format!("at {:.2} s", at.as_secs_f64()),
             Fault::Handover {
                 read,
@@ -228,6 +247,7 @@ impl Fault {
         Some(match kind {
             "reset" => Fault::Reset { after: n },
             "stall" => Fault::Stall { after: n },
+            "cut" => Fault::Cut { after: n },
             "kill-source" => Fault::Kill {
                 side: Side::Source,
                 at: Duration::from_millis(n),
@@ -250,12 +270,23 @@ impl Fault {
         })
     }
 
-    fn pick(rng: &mut Rng, kinds: &[&str], expect: u64, kill_window_ms: u64) -> Fault {
-        let weights: Vec<(&str, u64)> =
-            [("reset", 45), ("kill", 35), ("stall", 20), ("handover", 30)]
-                .into_iter()
-                .filter(|(k, _)| kinds.contains(k))
-                .collect();
+    fn pick(
+        rng: &mut Rng,
+        kinds: &[&str],
+        expect: u64,
+        kill_window_ms: u64,
+        postcopy: bool,
+    ) -> Fault {
+        let weights: Vec<(&str, u64)> = [
+            ("reset", 45),
+            ("kill", 35),
+            ("stall", 20),
+            ("handover", 30),
+            ("cut", 45),
+        ]
+        .into_iter()
+        .filter(|(k, _)| kinds.contains(k))
+        .collect();
         let total: u64 = weights.iter().map(|w| w.1).sum();
         let mut r = rng.below(total);
         let mut kind = weights[0].0;
@@ -276,6 +307,12 @@ impl Fault {
         match kind {
             "reset" => Fault::Reset { after: bytes(rng) },
             "stall" => Fault::Stall { after: bytes(rng) },
+            // With postcopy, most cuts aim at it: it runs from about 95 %
+            // to 112 % of the expected bytes.
+            "cut" if postcopy && rng.below(10) < 7 => Fault::Cut {
+                after: expect / 100 * 95 + rng.below(expect / 100 * 17),
+            },
+            "cut" => Fault::Cut { after: bytes(rng) },
             "handover" => Fault::Handover {
                 read: 1 + rng.below(3),
                 stall: rng.below(2) == 0,
@@ -310,6 +347,10 @@ struct Proxy {
     return_reads: AtomicU64,
     /// Whether the fault is a stall (else a reset).
     stall_mode: bool,
+    /// A cut: the reset hits the connections of the moment only.
+    transient: bool,
+    /// Cuts so far: a pump ends when it changes (its connection was cut).
+    generation: AtomicU64,
     /// The fault fired.
     fired: AtomicBool,
     /// The trial is over: every thread ends.
@@ -331,6 +372,9 @@ impl Proxy {
     fn fire(&self) {
         if !self.fired.swap(true, Ordering::SeqCst) {
             *self.fired_at.lock().unwrap() = Some(self.started.elapsed());
+            if self.transient {
+                self.generation.fetch_add(1, Ordering::SeqCst);
+            }
             if !self.stall_mode {
                 self.shutdown_all();
                 // Close the proxy's copies too: once the pumps return, every
@@ -346,11 +390,20 @@ impl Proxy {
         }
     }
 
+    /// Whether the fault ends a pump of connection generation `gen`.
+    fn ends(&self, gen: u64) -> bool {
+        if self.transient {
+            self.generation.load(Ordering::SeqCst) != gen
+        } else {
+            self.fired.load(Ordering::SeqCst)
+        }
+    }
+
     /// Forwards `from` to `to` until end of stream, an error, or the fault.
-    fn pump(self: Arc<Self>, mut from: TcpStream, mut to: TcpStream, returning: bool) {
+    fn pump(self: Arc<Self>, mut from: TcpStream, mut to: TcpStream, returning: bool, gen: u64) {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            if self.fired.load(Ordering::SeqCst) {
+            if self.ends(gen) {
                 if self.stall_mode {
                     self.wait_stop();
                 }
@@ -363,7 +416,7 @@ impl Proxy {
                 }
                 Ok(n) => n,
             };
-            if self.fired.load(Ordering::SeqCst) {
+            if self.ends(gen) {
                 if self.stall_mode {
                     self.wait_stop();
                 }
@@ -382,7 +435,8 @@ impl Proxy {
                 }
                 return;
             }
-            if prev.saturating_add(n as u64) >= self.threshold {
+            if prev.saturating_add(n as u64) >= self.threshold && !self.fired.load(Ordering::SeqCst)
+            {
                 fwd = self.threshold.saturating_sub(prev).min(n as u64) as usize;
                 fire = true;
             }
@@ -414,6 +468,7 @@ impl Proxy {
         let (threshold, stall_mode, return_read, from_start) = match *fault {
             Fault::Reset { after } => (after, false, 0, true),
             Fault::Stall { after } => (after, true, 0, true),
+            Fault::Cut { after } => (after, false, 0, true),
             Fault::Kill { .. } => (u64::MAX, false, 0, true),
             Fault::Handover {
                 read,
@@ -429,6 +484,8 @@ impl Proxy {
             return_from: if from_start { 0 } else { expect / 100 * 85 },
             return_reads: AtomicU64::new(0),
             stall_mode,
+            transient: matches!(fault, Fault::Cut { .. }),
+            generation: AtomicU64::new(0),
             fired: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             socks: Mutex::new(Vec::new()),
@@ -448,7 +505,7 @@ impl Proxy {
                 };
                 pp.conns.fetch_add(1, Ordering::SeqCst);
                 let _ = client.set_nonblocking(false);
-                if pp.fired.load(Ordering::SeqCst) {
+                if pp.fired.load(Ordering::SeqCst) && !pp.transient {
                     if pp.stall_mode {
                         // The link is dead: accepted, and never a byte.
                         if let Ok(c) = client.try_clone() {
@@ -482,10 +539,11 @@ impl Proxy {
                     socks.push(c3);
                     socks.push(s3);
                 }
+                let gen = pp.generation.load(Ordering::SeqCst);
                 let a = pp.clone();
-                thread::spawn(move || a.pump(client, server, false));
+                thread::spawn(move || a.pump(client, server, false, gen));
                 let b = pp.clone();
-                thread::spawn(move || b.pump(s2, c2, true));
+                thread::spawn(move || b.pump(s2, c2, true, gen));
             }
         });
         Ok((p, addr))
@@ -639,6 +697,8 @@ struct Settings<'a> {
     kill_window_ms: u64,
     forced: Option<Fault>,
     bound: Duration,
+    /// Both sides switch to postcopy after the first pass.
+    postcopy: bool,
 }
 
 fn run_trial(ferry: &Path, index: usize, seed: u64, set: &Settings) -> Result<Trial, String> {
@@ -648,11 +708,22 @@ fn run_trial(ferry: &Path, index: usize, seed: u64, set: &Settings) -> Result<Tr
         kill_window_ms,
         forced,
         bound,
+        postcopy,
     } = *set;
+    // Postcopy cut off: both sides hold while they resume, for a moment.
+    let hold_after = if postcopy { HOLD_AFTER * 3 } else { HOLD_AFTER };
+    let postcopy_args: &[&str] = if postcopy { &["--postcopy"] } else { &[] };
+    // A link of 64 MB/s: the first pass takes about a second, and postcopy
+    // then streams what the guest dirtied meanwhile.
+    let send_postcopy_args: &[&str] = if postcopy {
+        &["--postcopy", "--bandwidth", "64M"]
+    } else {
+        &[]
+    };
     let mut rng = Rng::new(seed);
     let fault = match forced {
         Some(f) => f,
-        None => Fault::pick(&mut rng, kinds, expect, kill_window_ms),
+        None => Fault::pick(&mut rng, kinds, expect, kill_window_ms, postcopy),
     };
     let t0 = Instant::now();
 
@@ -674,6 +745,7 @@ fn run_trial(ferry: &Path, index: usize, seed: u64, set: &Settings) -> Result<Tr
             "--run-s",
             "0.5",
         ])
+        .args(postcopy_args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -741,6 +813,7 @@ fn run_trial(ferry: &Path, index: usize, seed: u64, set: &Settings) -> Result<Tr
             "--json",
         ])
         .args(["--handover-timeout-s", "2", "--idle-timeout-s", "5"])
+        .args(send_postcopy_args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -814,7 +887,7 @@ fn run_trial(ferry: &Path, index: usize, seed: u64, set: &Settings) -> Result<Tr
             }
         }
         for p in [&mut send, &mut recv] {
-            if p.alive() && !p.held && p.report_age().is_some_and(|a| a >= HOLD_AFTER) {
+            if p.alive() && !p.held && p.report_age().is_some_and(|a| a >= hold_after) {
                 p.held = true;
             }
         }
@@ -996,6 +1069,16 @@ fn classify(send: &Proc, recv: &Proc, idle_dest: bool) -> (&'static str, String)
         return ("held", format!("{who}; {where_dst}"));
     }
     if s_ok && dst_runs {
+        let recovered = s["recoveries"]
+            .as_u64()
+            .unwrap_or(0)
+            .max(r["recoveries"].as_u64().unwrap_or(0));
+        if recovered > 0 {
+            return (
+                "recovered",
+                format!("postcopy was cut off and resumed (attempt {recovered})"),
+            );
+        }
         return ("done", String::new());
     }
     (
@@ -1031,10 +1114,10 @@ fn main() {
     let kinds: Vec<&str> = faults
         .split(',')
         .map(str::trim)
-        .filter(|k| matches!(*k, "reset" | "stall" | "kill" | "handover"))
+        .filter(|k| matches!(*k, "reset" | "stall" | "kill" | "handover" | "cut"))
         .collect();
     if kinds.is_empty() {
-        eprintln!("fault_trials: --faults takes a list of reset, stall, kill, handover");
+        eprintln!("fault_trials: --faults takes a list of reset, stall, kill, handover, cut");
         std::process::exit(2);
     }
     let json_out = args.iter().any(|a| a == "--json");
@@ -1083,6 +1166,7 @@ fn main() {
         kill_window_ms,
         forced,
         bound,
+        postcopy: args.iter().any(|a| a == "--postcopy"),
     };
     let started = Instant::now();
     let mut results = Vec::new();
@@ -1206,6 +1290,7 @@ fn main() {
     } else {
         let classes = [
             "done",
+            "recovered",
             "back-on-source",
             "held",
             "killed-source",
@@ -1225,17 +1310,26 @@ fn main() {
         let row = |out: &mut std::io::StdoutLock, name: &str, m: &BTreeMap<&str, usize>| {
             let mut line = format!("  {name:<18}");
             for c in classes {
-                line.push_str(&format!("{:>9}", m.get(c).copied().unwrap_or(0)));
+                line.push_str(&format!("{:>10}", m.get(c).copied().unwrap_or(0)));
             }
-            line.push_str(&format!("{:>9}", m.values().sum::<usize>()));
+            line.push_str(&format!("{:>10}", m.values().sum::<usize>()));
             let _ = writeln!(out, "{line}");
         };
         let mut head = format!("  {:<18}", "fault \\ class");
         for c in [
-            "done", "back-src", "held", "kill-src", "kill-dst", "lost", "both", "wrong", "hung",
+            "done",
+            "recovered",
+            "back-src",
+            "held",
+            "kill-src",
+            "kill-dst",
+            "lost",
+            "both",
+            "wrong",
+            "hung",
             "total",
         ] {
-            head.push_str(&format!("{c:>9}"));
+            head.push_str(&format!("{c:>10}"));
         }
         let _ = writeln!(out, "{head}");
         for (f, m) in &by_fault {
@@ -1245,10 +1339,19 @@ fn main() {
         let _ = writeln!(out);
         let mut head = format!("  {:<18}", "phase \\ class");
         for c in [
-            "done", "back-src", "held", "kill-src", "kill-dst", "lost", "both", "wrong", "hung",
+            "done",
+            "recovered",
+            "back-src",
+            "held",
+            "kill-src",
+            "kill-dst",
+            "lost",
+            "both",
+            "wrong",
+            "hung",
             "total",
         ] {
-            head.push_str(&format!("{c:>9}"));
+            head.push_str(&format!("{c:>10}"));
         }
         let _ = writeln!(out, "{head}");
         for (p, m) in &by_phase {

@@ -297,6 +297,9 @@ struct DestinationSummary {
     verify_pages_checked: u64,
     verify_mismatches: u64,
     postcopy: Option<DestinationPostcopyReport>,
+    /// Postcopy cut off and taken up again: the attempt that succeeded.
+    #[serde(default)]
+    recoveries: u32,
 }
 
 /// One line of `ferry receive --json`: JSON lines told apart by `type`.
@@ -333,6 +336,8 @@ struct DemoReport {
     /// After a failure before *ready*: the guest's own check of its memory
     /// back on the source, where it runs on.
     source_guest_after_failure: Option<SourceGuestCheck>,
+    /// Postcopy cut off and taken up again: the attempt that succeeded.
+    recoveries: u32,
 }
 
 /// The guest's verification on the source after a failed migration.
@@ -431,6 +436,60 @@ fn run_source(
     let ram = Ram::from_memory(vm.memory());
     let mut tracker = kvm_guest::dirty_tracker(vm)?;
     let mut guest = SourceGuest::new(vm);
+    let (config, link) = source_setup(endpoint, m);
+    watch_sigusr1(config.postcopy.clone());
+    let json = m.json;
+    source::migrate(&ram, &mut tracker, &mut guest, &config, &link, &mut |e| {
+        source_event(vm, pb, json, e)
+    })
+}
+
+/// One attempt to take up a postcopy that was cut off (see `send`).
+fn resume_source(
+    vm: &Vm,
+    hold: &source::SourceHold,
+    endpoint: Endpoint,
+    m: &MigrateArgs,
+) -> Result<SourceReport, source::SourceError> {
+    let ram = Ram::from_memory(vm.memory());
+    let (config, link) = source_setup(endpoint, m);
+    source::resume_postcopy(&ram, &config, &link, hold, &mut |_| {})
+}
+
+/// Postcopy was cut off (`failure` says how): the guest runs on the
+/// destination with pages missing and this side holds every page. Resumes
+/// every second until it completes (the attempt and the report) or the
+/// operator discards the guest (`None`).
+fn resume_until_done(
+    vm: &Vm,
+    hold: &source::SourceHold,
+    endpoint: &Endpoint,
+    m: &MigrateArgs,
+    failure: &str,
+) -> Option<(u32, SourceReport)> {
+    let mut hold = hold.clone();
+    let what = format!(
+        "{failure}; resuming postcopy (session {:#010x})",
+        hold.session
+    );
+    operator::hold_retrying(&what, Duration::from_secs(1), |n| {
+        match resume_source(vm, &hold, endpoint.clone(), m) {
+            Ok(r) => Some((n, r)),
+            Err(e) => {
+                if n == 1 || n % 10 == 0 {
+                    eprintln!("ferry: resume attempt {n} failed: {e}");
+                }
+                if let source::SourceError::PostcopyInterrupted { hold: h, .. } = e {
+                    hold = *h;
+                }
+                None
+            }
+        }
+    })
+}
+
+/// The source's configuration and link from the command line.
+fn source_setup(endpoint: Endpoint, m: &MigrateArgs) -> (SourceConfig, SourceLink) {
     let config = SourceConfig {
         downtime_limit: Duration::from_millis(m.downtime_ms),
         bandwidth_cap: m.bandwidth,
@@ -442,83 +501,77 @@ fn run_source(
         timeouts: protocol_timeouts(m.handover_timeout_s, m.idle_timeout_s),
         ..SourceConfig::default()
     };
-    watch_sigusr1(config.postcopy.clone());
     let link = SourceLink {
         endpoint,
         transport: m.transport.transport(),
         bulk_channels: m.channels.max(1),
     };
-    let json = m.json;
-    source::migrate(
-        &ram,
-        &mut tracker,
-        &mut guest,
-        &config,
-        &link,
-        &mut |e| match e {
-            Event::Connected { transport } => note(
-                pb,
-                json,
-                format!(
-                    "connected: {transport}, dirty log: {}",
-                    if vm.dirty_log_caps().manual_protect {
-                        "KVM manual protect"
-                    } else {
-                        "KVM"
-                    }
-                ),
-            ),
-            Event::Round(p) => {
-                let what = if p.round == 0 {
-                    "first pass".to_string()
+    (config, link)
+}
+
+/// Shows the source's progress.
+fn source_event(vm: &Vm, pb: &ProgressBar, json: bool, e: &Event) {
+    match e {
+        Event::Connected { transport } => note(
+            pb,
+            json,
+            format!(
+                "connected: {transport}, dirty log: {}",
+                if vm.dirty_log_caps().manual_protect {
+                    "KVM manual protect"
                 } else {
-                    format!("round {}", p.round)
-                };
-                let msg = format!(
-                    "{what}: pending {} · link {} · dirty {}/s · expected downtime {}",
-                    human_bytes(p.pending_bytes),
-                    human_rate(p.bandwidth),
-                    human_bytes(p.dirty_rate),
-                    p.expected_downtime_ns
-                        .map(|n| format!("{:.1} ms", n as f64 / 1e6))
-                        .unwrap_or_else(|| "?".into())
-                );
-                pb.set_message(msg.clone());
-                if p.round == 0 {
-                    note(pb, json, msg);
+                    "KVM"
                 }
-            }
-            Event::Paused => pb.set_message("guest paused: stop-and-copy"),
-            Event::AwaitingReady => pb.set_message("waiting for the destination's ready"),
-            Event::GoSent => {
-                pb.set_message("go sent: waiting for the destination to start the guest")
-            }
-            Event::Started => pb.set_message("the destination started the guest"),
-            Event::ResumedOnSource => note(
-                pb,
-                json,
-                "the migration failed before ready: the guest runs on here again".into(),
             ),
-            Event::PostcopyStarted { ram, pages_left } => {
-                let msg = if *ram {
-                    format!("postcopy: the guest runs on the destination; {pages_left} pages to stream, missing pages fetched on fault")
-                } else {
-                    "postcopy: the guest runs on the destination; postcopy-only sections follow"
-                        .to_string()
-                };
-                pb.set_message(msg.clone());
+        ),
+        Event::Round(p) => {
+            let what = if p.round == 0 {
+                "first pass".to_string()
+            } else {
+                format!("round {}", p.round)
+            };
+            let msg = format!(
+                "{what}: pending {} · link {} · dirty {}/s · expected downtime {}",
+                human_bytes(p.pending_bytes),
+                human_rate(p.bandwidth),
+                human_bytes(p.dirty_rate),
+                p.expected_downtime_ns
+                    .map(|n| format!("{:.1} ms", n as f64 / 1e6))
+                    .unwrap_or_else(|| "?".into())
+            );
+            pb.set_message(msg.clone());
+            if p.round == 0 {
                 note(pb, json, msg);
             }
-            Event::Postcopy(p) => pb.set_message(format!(
-                "postcopy {:.1} s: {} pages streamed, {} left, {} page requests served",
-                p.elapsed_ns as f64 / 1e9,
-                p.pages_streamed,
-                p.pages_left,
-                p.requests
-            )),
-            Event::Completed => pb.set_message("the destination acknowledged every page"),
-        },
-    )
+        }
+        Event::Paused => pb.set_message("guest paused: stop-and-copy"),
+        Event::AwaitingReady => pb.set_message("waiting for the destination's ready"),
+        Event::GoSent => pb.set_message("go sent: waiting for the destination to start the guest"),
+        Event::Started => pb.set_message("the destination started the guest"),
+        Event::ResumedOnSource => note(
+            pb,
+            json,
+            "the migration failed before ready: the guest runs on here again".into(),
+        ),
+        Event::PostcopyStarted { ram, pages_left } => {
+            let msg = if *ram {
+                format!("postcopy: the guest runs on the destination; {pages_left} pages to stream, missing pages fetched on fault")
+            } else {
+                "postcopy: the guest runs on the destination; postcopy-only sections follow"
+                    .to_string()
+            };
+            pb.set_message(msg.clone());
+            note(pb, json, msg);
+        }
+        Event::Postcopy(p) => pb.set_message(format!(
+            "postcopy {:.1} s: {} pages streamed, {} left, {} page requests served",
+            p.elapsed_ns as f64 / 1e9,
+            p.pages_streamed,
+            p.pages_left,
+            p.requests
+        )),
+        Event::Completed => pb.set_message("the destination acknowledged every page"),
+    }
 }
 
 /// Set by the SIGUSR1 handler: the operator asks for postcopy.
@@ -619,8 +672,22 @@ fn demo(a: DemoArgs) -> Result<ExitCode, BoxError> {
 
     let started = Instant::now();
     let vm = start_source(&a.guest, &a.migrate, &pb)?;
-    let result = run_source(&vm, endpoint, &a.migrate, &pb);
+    let mut result = run_source(&vm, endpoint.clone(), &a.migrate, &pb);
     pb.finish_and_clear();
+    // Postcopy cut off: keep resuming until it completes, or until the
+    // operator discards the guest.
+    let mut recoveries = 0;
+    let mut discarded = false;
+    if let Err(source::SourceError::PostcopyInterrupted { hold, .. }) = &result {
+        let what = result.as_ref().err().map(|e| e.to_string());
+        match resume_until_done(&vm, hold, &endpoint, &a.migrate, &what.unwrap_or_default()) {
+            Some((n, r)) => {
+                recoveries = n;
+                result = Ok(r);
+            }
+            None => discarded = true,
+        }
+    }
     let dest: Option<DestinationSummary> = lines.map_while(Result::ok).find_map(|l| {
         receive_line(&l)
             .filter(|(kind, _)| kind == "report")
@@ -670,7 +737,11 @@ fn demo(a: DemoArgs) -> Result<ExitCode, BoxError> {
         destination: dest,
         guest_verified: verified,
         source_guest_after_failure: source_check,
+        recoveries,
     };
+    if discarded {
+        eprintln!("ferry: the guest held here is discarded");
+    }
     print_report(&report, a.migrate.json)?;
     Ok(outcome.into())
 }
@@ -806,23 +877,74 @@ fn send(a: SendArgs) -> Result<ExitCode, BoxError> {
     let pb = progress(a.migrate.json);
     let started = Instant::now();
     let vm = start_source(&a.guest, &a.migrate, &pb)?;
-    let result = run_source(&vm, endpoint, &a.migrate, &pb);
+    let result = run_source(&vm, endpoint.clone(), &a.migrate, &pb);
     pb.finish_and_clear();
-    let (source, error) = match &result {
+    let (report, outcome, holds) = send_report(&a, &vm, &result, started, 0);
+    print_report(&report, a.migrate.json)?;
+    if let Err(source::SourceError::PostcopyInterrupted { hold, .. }) = &result {
+        // Postcopy cut off: the guest runs on the destination with pages
+        // missing and this side holds every page. Keep resuming until it
+        // completes, or until the operator discards the guest; the report
+        // above said `held`, the one after a resume says how it ended.
+        let what = report.error.clone().unwrap_or_default();
+        let resumed = resume_until_done(&vm, hold, &endpoint, &a.migrate, &what);
+        let Some((n, r)) = resumed else {
+            eprintln!("ferry: the guest held here is discarded");
+            return Ok(Outcome::Held.into());
+        };
+        eprintln!("ferry: postcopy resumed on attempt {n} and completed");
+        let (report, outcome, _) = send_report(&a, &vm, &Ok(r), started, n);
+        print_report(&report, a.migrate.json)?;
+        return Ok(outcome.into());
+    }
+    if holds {
+        // Never exit while holding the guest: exiting would destroy it.
+        let what = report.error.clone().unwrap_or_default();
+        match operator::hold(&what, true) {
+            operator::Decision::Resume => {
+                vm.resume()?;
+                match check_source_guest(&vm, true) {
+                    Some(c) => eprintln!(
+                        "ferry: the guest runs here again and checked {} pages: {} mismatches",
+                        c.pages_checked, c.mismatches
+                    ),
+                    None => eprintln!("ferry: the guest runs here again"),
+                }
+                return Ok(Outcome::RunsOnSource.into());
+            }
+            operator::Decision::Discard => {
+                eprintln!("ferry: the guest held here is discarded");
+                return Ok(Outcome::Held.into());
+            }
+        }
+    }
+    Ok(outcome.into())
+}
+
+/// The report of `ferry send` for `result`, how it ended, and whether this
+/// process holds the guest.
+fn send_report(
+    a: &SendArgs,
+    vm: &Vm,
+    result: &Result<SourceReport, source::SourceError>,
+    started: Instant,
+    recoveries: u32,
+) -> (DemoReport, Outcome, bool) {
+    let (source, error) = match result {
         Ok(r) => (r.clone(), None),
         Err(e) => (SourceReport::default(), Some(e.to_string())),
     };
-    let outcome = match &result {
+    let outcome = match result {
         Ok(_) => Outcome::Done,
-        Err(e) => failure_outcome(&vm, e),
+        Err(e) => failure_outcome(vm, e),
     };
     let holds = matches!(
-        &result,
+        result,
         Err(source::SourceError::GoUnconfirmed { .. }
             | source::SourceError::AfterGo(_)
             | source::SourceError::PostcopyInterrupted { .. })
     ) || (result.is_err() && vm.is_paused());
-    let source_check = check_source_guest(&vm, result.is_err() && !holds);
+    let source_check = check_source_guest(vm, result.is_err() && !holds);
     let report = DemoReport {
         ok: result.is_ok(),
         outcome: if holds {
@@ -844,37 +966,9 @@ fn send(a: SendArgs) -> Result<ExitCode, BoxError> {
         destination: None,
         guest_verified: false,
         source_guest_after_failure: source_check,
+        recoveries,
     };
-    print_report(&report, a.migrate.json)?;
-    if holds {
-        // Never exit while holding the guest: exiting would destroy it.
-        let postcopy = matches!(
-            &result,
-            Err(source::SourceError::PostcopyInterrupted { .. })
-        );
-        let what = match &result {
-            Err(e) => e.to_string(),
-            Ok(_) => String::new(),
-        };
-        match operator::hold(&what, !postcopy) {
-            operator::Decision::Resume => {
-                vm.resume()?;
-                match check_source_guest(&vm, true) {
-                    Some(c) => eprintln!(
-                        "ferry: the guest runs here again and checked {} pages: {} mismatches",
-                        c.pages_checked, c.mismatches
-                    ),
-                    None => eprintln!("ferry: the guest runs here again"),
-                }
-                return Ok(Outcome::RunsOnSource.into());
-            }
-            operator::Decision::Discard => {
-                eprintln!("ferry: the guest held here is discarded");
-                return Ok(Outcome::Held.into());
-            }
-        }
-    }
-    Ok(outcome.into())
+    (report, outcome, holds)
 }
 
 fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
@@ -933,7 +1027,75 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
     } else {
         destination::receive_in_place(&listener, &ram, &second, &mut starter, &config)
     };
-    let mut summary = DestinationSummary::default();
+    let (mut result, held) = match result {
+        Err(mut e) => {
+            let h = e.postcopy_hold.take();
+            (Err(e), h)
+        }
+        ok => (ok, None),
+    };
+    // Postcopy cut off: the guest's vCPUs wait on their faults here. Keep
+    // listening for the source's resume until it completes, or until the
+    // operator discards the guest; the hold keeps the userfaultfd open
+    // (closing it would let the vCPUs run on zero pages).
+    let mut recoveries = 0;
+    let mut discarded = None;
+    if let Some(mut hold) = held {
+        let what = format!(
+            "{}; waiting for the source to resume postcopy (session {:#010x}) on {bound}",
+            result
+                .as_ref()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default(),
+            hold.session
+        );
+        // Say so at once: this process holds the guest from here on.
+        let early = DestinationSummary {
+            outcome: Outcome::Held.name().to_string(),
+            error: result.as_ref().err().map(|e| e.to_string()),
+            go_received: true,
+            ..DestinationSummary::default()
+        };
+        print_receive(&early, a.json)?;
+        // Each attempt waits a few seconds for the source, so that a
+        // discard is seen soon.
+        let mut again = config;
+        again.timeouts.handshake = again.timeouts.handshake.min(5_000_000_000);
+        let second = (!seconds.is_empty()).then_some(&second);
+        let resumed = operator::hold_retrying(&what, Duration::from_millis(100), |n| {
+            match destination::resume_postcopy(&listener, &ram, second, &hold, &mut starter, &again)
+            {
+                Ok(r) => {
+                    recoveries = n;
+                    Some(r)
+                }
+                Err(mut e) => {
+                    // A source that has not come back yet is no news.
+                    if !matches!(
+                        e.kind,
+                        destination::DestinationErrorKind::Link(
+                            ferry_host::link::LinkError::AcceptTimeout { .. }
+                        )
+                    ) {
+                        eprintln!("ferry: resume attempt {n} failed: {e}");
+                    }
+                    if let Some(h) = e.postcopy_hold.take() {
+                        hold = h;
+                    }
+                    None
+                }
+            }
+        });
+        match resumed {
+            Some(r) => result = Ok(r),
+            None => discarded = Some(hold),
+        }
+    }
+    let mut summary = DestinationSummary {
+        recoveries,
+        ..DestinationSummary::default()
+    };
     let mut postcopy_stuck = None;
     let code = match result {
         Ok(r) => {
@@ -983,17 +1145,39 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
             }
         }
     };
-    summary.outcome = if postcopy_stuck.is_some() {
+    summary.outcome = if postcopy_stuck.is_some() || discarded.is_some() {
         Outcome::Held.name().to_string()
     } else {
         code.name().to_string()
     };
+    print_receive(&summary, a.json)?;
+    if let Some(hold) = discarded {
+        eprintln!("ferry: the guest held here is discarded");
+        drop(hold);
+        return Ok(Outcome::Held.into());
+    }
+    if let Some(hold) = postcopy_stuck {
+        // The guest runs here with pages missing: never exit on our own.
+        let what = format!(
+            "postcopy was cut off with {} pages missing; the guest's vCPUs wait for them here",
+            hold.missing_pages
+        );
+        let _ = operator::hold(&what, false);
+        eprintln!("ferry: the guest held here is discarded");
+        drop(hold);
+        return Ok(Outcome::Held.into());
+    }
+    Ok(code.into())
+}
+
+/// Prints `ferry receive`'s report: a JSON line with `--json`.
+fn print_receive(summary: &DestinationSummary, json: bool) -> Result<(), BoxError> {
     let mut out = std::io::stdout().lock();
-    if a.json {
+    if json {
         writeln!(
             out,
             "{}",
-            serde_json::to_string(&ReceiveLine::Report(&summary))?
+            serde_json::to_string(&ReceiveLine::Report(summary))?
         )?;
     } else {
         match &summary.error {
@@ -1014,18 +1198,7 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
     }
     drop(out);
     let _ = std::io::stdout().flush();
-    if let Some(hold) = postcopy_stuck {
-        // The guest runs here with pages missing: never exit on our own.
-        let what = format!(
-            "postcopy was cut off with {} pages missing; the guest's vCPUs wait for them here",
-            hold.missing_pages
-        );
-        let _ = operator::hold(&what, false);
-        eprintln!("ferry: the guest held here is discarded");
-        drop(hold);
-        return Ok(Outcome::Held.into());
-    }
-    Ok(code.into())
+    Ok(())
 }
 
 fn fill_summary(s: &mut DestinationSummary, r: &DestinationReport) {

@@ -9,8 +9,9 @@ use super::source::Limits;
 /// A return-path record the host must send, in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DestinationControl {
-    /// *accept*, stating this side's limits.
-    Accept(Limits),
+    /// *accept*, stating this side's limits and naming the session (0: no
+    /// resume offered).
+    Accept(Limits, u32),
     /// *ready*: every page and section arrived intact (or, after *go* in
     /// postcopy, the migration is complete).
     Ready,
@@ -24,9 +25,10 @@ impl DestinationControl {
     /// The return-path record that carries it.
     pub fn repr(self) -> ReturnRepr {
         match self {
-            DestinationControl::Accept(l) => ReturnRepr::Accept {
+            DestinationControl::Accept(l, session) => ReturnRepr::Accept {
                 max_channels: l.max_channels,
                 max_device_bytes: l.max_device_bytes,
+                session,
             },
             DestinationControl::Ready => ReturnRepr::Ready,
             DestinationControl::Started => ReturnRepr::Started,
@@ -121,6 +123,10 @@ pub struct DestinationSession {
     mode: Mode,
     section_bytes: u64,
     go_received: bool,
+    /// The id this session gives the source for a resume (0: none).
+    session_id: u32,
+    /// This session takes up an interrupted postcopy.
+    resuming: bool,
     transmits: Queue<DestinationControl, 4>,
     events: Queue<DestinationEvent, 8>,
 }
@@ -143,9 +149,51 @@ impl DestinationSession {
             mode: Mode::Precopy,
             section_bytes: 0,
             go_received: false,
+            session_id: 0,
+            resuming: false,
             transmits: Queue::new(),
             events: Queue::new(),
         }
+    }
+
+    /// Names this session `id` in its *accept*, so that the source can
+    /// resume an interrupted postcopy of it, and only of it. `id` should be
+    /// unpredictable and non-zero; 0 offers no resume.
+    pub fn with_session_id(mut self, id: u32) -> DestinationSession {
+        self.session_id = id;
+        self
+    }
+
+    /// A session that takes up the interrupted postcopy of session
+    /// `session` (in `mode`), waiting from `now` for the source's hello
+    /// naming it. The guest runs here already, its vCPUs waiting on the
+    /// missing pages: this side holds it from the start.
+    pub fn resume(
+        now: Nanos,
+        timeouts: Timeouts,
+        limits: Limits,
+        session: u32,
+        mode: Mode,
+    ) -> DestinationSession {
+        DestinationSession {
+            state: StateMachine::postcopy_paused(),
+            postcopy_ram: mode == Mode::Ram,
+            mode,
+            go_received: true,
+            session_id: session,
+            resuming: true,
+            ..DestinationSession::new(now, timeouts, limits)
+        }
+    }
+
+    /// The id named in this session's *accept* (0: none).
+    pub fn session_id(&self) -> u32 {
+        self.session_id
+    }
+
+    /// Whether this session takes up an interrupted postcopy.
+    pub fn is_resume(&self) -> bool {
+        self.resuming
     }
 
     /// The timeouts in force.
@@ -191,6 +239,7 @@ impl DestinationSession {
     /// Where the guest belongs now.
     pub fn custody(&self) -> Custody {
         match self.phase {
+            Phase::AwaitHello { .. } if self.resuming => Custody::Holds,
             Phase::AwaitHello { .. }
             | Phase::Receiving
             | Phase::Verifying { .. }
@@ -288,6 +337,10 @@ impl DestinationSession {
         if !matches!(self.phase, Phase::AwaitHello { .. }) {
             return Err(self.protocol(crate::wire::HELLO_KIND));
         }
+        if self.resuming {
+            // A new migration cannot take over a guest held for a resume.
+            return Err(self.fail(Failure::WrongSession, ErrorCode::Handshake));
+        }
         if channels > self.limits.max_channels || channels == 0 {
             return Err(self.fail(Failure::OverLimit, ErrorCode::Handshake));
         }
@@ -295,7 +348,34 @@ impl DestinationSession {
         self.postcopy_ram = postcopy_ram;
         self.last_activity = now;
         self.phase = Phase::Receiving;
-        self.transmits.push(DestinationControl::Accept(self.limits));
+        self.transmits
+            .push(DestinationControl::Accept(self.limits, self.session_id));
+        Ok(())
+    }
+
+    /// The source's hello resumes session `session` with `channels`
+    /// channels. On a session made by [`Self::resume`] for that id, queues
+    /// *accept* and is in postcopy again; anything else is refused.
+    pub fn accept_resume(
+        &mut self,
+        now: Nanos,
+        channels: u16,
+        session: u32,
+    ) -> Result<(), SessionError> {
+        if !matches!(self.phase, Phase::AwaitHello { .. }) {
+            return Err(self.protocol(crate::wire::HELLO_KIND));
+        }
+        if !self.resuming || session == 0 || session != self.session_id {
+            return Err(self.fail(Failure::WrongSession, ErrorCode::Handshake));
+        }
+        if channels > self.limits.max_channels || channels == 0 {
+            return Err(self.fail(Failure::OverLimit, ErrorCode::Handshake));
+        }
+        self.move_to(MigrationState::PostcopyActive)?;
+        self.last_activity = now;
+        self.phase = Phase::Postcopy;
+        self.transmits
+            .push(DestinationControl::Accept(self.limits, self.session_id));
         Ok(())
     }
 
@@ -460,6 +540,8 @@ impl DestinationSession {
             _ => {}
         }
         let custody = match self.phase {
+            // A resume that did not come about: the vCPUs still wait here.
+            Phase::AwaitHello { .. } if self.resuming => Custody::Holds,
             // Before go the guest is the source's.
             Phase::AwaitHello { .. }
             | Phase::Receiving
@@ -472,12 +554,12 @@ impl DestinationSession {
             Phase::Completed => Custody::Runs,
             Phase::Failed(e) => e.custody,
         };
-        let to = if self.state.state() == MigrationState::PostcopyActive {
+        let to = if self.state.state().is_postcopy() {
             MigrationState::PostcopyPaused
         } else {
             MigrationState::Failed
         };
-        if self.state.move_to(to).is_err() {
+        if self.state.state() != to && self.state.move_to(to).is_err() {
             // Only a terminal state refuses Failed; the phase below is what
             // counts from here on.
             debug_assert!(self.state.state().is_terminal());

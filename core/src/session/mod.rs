@@ -194,6 +194,9 @@ pub enum Failure {
     Local,
     /// The operator cancelled.
     Cancelled,
+    /// A resume named a session the peer does not hold, or the peer
+    /// answered for another.
+    WrongSession,
 }
 
 impl fmt::Display for Failure {
@@ -217,6 +220,9 @@ impl fmt::Display for Failure {
             Failure::Incomplete => f.write_str("the stream ended with pages or sections missing"),
             Failure::Local => f.write_str("this side failed"),
             Failure::Cancelled => f.write_str("the migration was cancelled"),
+            Failure::WrongSession => {
+                f.write_str("the resume named a session that the peer does not hold")
+            }
         }
     }
 }

@@ -136,6 +136,11 @@ pub struct SourceSession {
     stream_end_queued: bool,
     /// The end of postcopy was queued (once only).
     postcopy_end_queued: bool,
+    /// The session id the destination named in its *accept* (0: none).
+    session_id: u32,
+    /// This session resumes an interrupted postcopy: the guest was handed
+    /// over before it began.
+    resuming: bool,
     transmits: Queue<SourceControl, 4>,
     events: Queue<SourceEvent, 8>,
 }
@@ -155,9 +160,44 @@ impl SourceSession {
             limits: Limits::default(),
             stream_end_queued: false,
             postcopy_end_queued: false,
+            session_id: 0,
+            resuming: false,
             transmits: Queue::new(),
             events: Queue::new(),
         }
+    }
+
+    /// A session that resumes the interrupted postcopy of session `session`
+    /// (switched over as `how`): its hello, naming that session, went out at
+    /// `now` asking for `channels` channels. The guest was handed over
+    /// before: this side holds it paused from the start, and once the
+    /// destination accepts, the session is in postcopy again.
+    pub fn resume(
+        now: Nanos,
+        timeouts: Timeouts,
+        channels: u16,
+        session: u32,
+        how: Switchover,
+    ) -> SourceSession {
+        SourceSession {
+            state: StateMachine::postcopy_paused(),
+            switchover: how,
+            session_id: session,
+            resuming: true,
+            ..SourceSession::new(now, timeouts, channels)
+        }
+    }
+
+    /// The session id the destination named in its *accept*: what a resume
+    /// after an interrupted postcopy must name. 0 until accepted, or when
+    /// the destination offers no resume.
+    pub fn session_id(&self) -> u32 {
+        self.session_id
+    }
+
+    /// Whether this session resumes an interrupted postcopy.
+    pub fn is_resume(&self) -> bool {
+        self.resuming
     }
 
     /// The timeouts in force.
@@ -188,6 +228,7 @@ impl SourceSession {
     /// Where the guest belongs now.
     pub fn custody(&self) -> Custody {
         match self.phase {
+            Phase::Handshake { .. } if self.resuming => Custody::Holds,
             Phase::Handshake { .. } | Phase::Precopy => Custody::Runs,
             Phase::Paused
             | Phase::AwaitReady { .. }
@@ -201,10 +242,12 @@ impl SourceSession {
 
     /// Whether *go* may have reached the destination.
     pub fn go_sent(&self) -> bool {
-        matches!(
-            self.phase,
-            Phase::AwaitStarted { .. } | Phase::Postcopy { .. } | Phase::Completed
-        ) || matches!(self.phase, Phase::Failed(e) if e.custody == Custody::Holds)
+        self.resuming
+            || matches!(
+                self.phase,
+                Phase::AwaitStarted { .. } | Phase::Postcopy { .. } | Phase::Completed
+            )
+            || matches!(self.phase, Phase::Failed(e) if e.custody == Custody::Holds)
     }
 
     /// True once the session has ended, done or failed.
@@ -306,6 +349,10 @@ impl SourceSession {
     /// guest is the destination's and this returns the error.
     pub fn cancel(&mut self, _now: Nanos) -> Result<(), SessionError> {
         match self.phase {
+            Phase::Handshake { .. } if self.resuming => Err(SessionError {
+                failure: Failure::Cancelled,
+                custody: self.custody(),
+            }),
             Phase::Handshake { .. }
             | Phase::Precopy
             | Phase::Paused
@@ -387,6 +434,7 @@ impl SourceSession {
                 ReturnRepr::Accept {
                     max_channels,
                     max_device_bytes,
+                    session,
                 },
                 Phase::Handshake { .. },
             ) => {
@@ -398,9 +446,21 @@ impl SourceSession {
                     self.fail(Failure::OverLimit);
                     return Err(self.error(Failure::OverLimit));
                 }
-                self.move_to(MigrationState::Active)?;
+                if self.resuming {
+                    // Only the session that was interrupted may take up
+                    // its postcopy.
+                    if session != self.session_id {
+                        self.fail(Failure::WrongSession);
+                        return Err(self.error(Failure::WrongSession));
+                    }
+                    self.move_to(MigrationState::PostcopyActive)?;
+                    self.phase = Phase::Postcopy { deadline: None };
+                } else {
+                    self.move_to(MigrationState::Active)?;
+                    self.session_id = session;
+                    self.phase = Phase::Precopy;
+                }
                 self.limits = limits;
-                self.phase = Phase::Precopy;
                 self.events.push(SourceEvent::Accepted(limits));
                 Ok(SourceAction::None)
             }
@@ -508,6 +568,7 @@ impl SourceSession {
             return;
         }
         let custody = match self.phase {
+            Phase::Handshake { .. } if self.resuming => Custody::Holds,
             Phase::Handshake { .. }
             | Phase::Precopy
             | Phase::Paused
@@ -517,16 +578,18 @@ impl SourceSession {
             Phase::Completed => Custody::Released,
             Phase::Failed(e) => e.custody,
         };
+        // In postcopy the guest's memory is split between the sides: any
+        // failure pauses it there, for a resume.
         let to = if failure == Failure::Cancelled {
             MigrationState::Cancelled
-        } else if self.state.state() == MigrationState::PostcopyActive {
+        } else if self.state.state().is_postcopy() {
             MigrationState::PostcopyPaused
         } else {
             MigrationState::Failed
         };
         // Every live state may fail or cancel; Setup/Active/StopAndCopy may
         // cancel. Anything else is Failed, which every live state allows.
-        if self.state.move_to(to).is_err() {
+        if self.state.state() != to && self.state.move_to(to).is_err() {
             let _ = self.state.move_to(MigrationState::Failed);
         }
         // Nothing queued goes out after a failure: above all not *go*.

@@ -12,7 +12,8 @@
 //! | 12  | 2    | channel count |
 //! | 14  | 2    | region count |
 //! | 16  | 4    | page size |
-//! | 20  | 12   | reserved, zero |
+//! | 20  | 4    | resume: 0 for a new migration, else the session id of the interrupted postcopy to resume |
+//! | 24  | 8    | reserved, zero |
 //!
 //! and one [`REGION_ENTRY_LEN`]-byte entry per region: id (u16), 6 reserved zero bytes,
 //! guest physical base (u64), size in bytes (u64).
@@ -60,7 +61,8 @@ struct HelloFixed {
     channels: U16,
     region_count: U16,
     page_size: U32,
-    reserved: [u8; 12],
+    resume: U32,
+    reserved: [u8; 8],
 }
 
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable)]
@@ -80,7 +82,8 @@ const _: () = {
     assert!(offset_of!(HelloFixed, channels) == 12);
     assert!(offset_of!(HelloFixed, region_count) == 14);
     assert!(offset_of!(HelloFixed, page_size) == 16);
-    assert!(offset_of!(HelloFixed, reserved) == 20);
+    assert!(offset_of!(HelloFixed, resume) == 20);
+    assert!(offset_of!(HelloFixed, reserved) == 24);
     assert!(core::mem::size_of::<RegionEntry>() == REGION_ENTRY_LEN);
     assert!(offset_of!(RegionEntry, gpa) == 8);
     assert!(offset_of!(RegionEntry, size) == 16);
@@ -447,15 +450,28 @@ pub struct Hello {
     pub caps: Capabilities,
     /// Guest RAM layout.
     pub layout: Layout,
+    /// 0 for a new migration; otherwise the session id (from the
+    /// destination's *accept*) of the interrupted postcopy this connection
+    /// resumes.
+    pub resume: u32,
 }
 
 impl Hello {
-    /// A hello of the current [`VERSION`].
+    /// A hello of the current [`VERSION`] for a new migration.
     pub fn new(caps: Capabilities, layout: Layout) -> Self {
         Hello {
             version: VERSION,
             caps,
             layout,
+            resume: 0,
+        }
+    }
+
+    /// A hello that resumes the interrupted postcopy of session `session`.
+    pub fn resuming(caps: Capabilities, layout: Layout, session: u32) -> Self {
+        Hello {
+            resume: session,
+            ..Hello::new(caps, layout)
         }
     }
 
@@ -482,7 +498,8 @@ impl Hello {
             channels: U16::new(self.caps.channels),
             region_count: U16::new(regions.len() as u16),
             page_size: U32::new(self.layout.page_size()),
-            reserved: [0; 12],
+            resume: U32::new(self.resume),
+            reserved: [0; 8],
         };
         fixed.copy_from_slice(h.as_bytes());
         for (r, slot) in regions
@@ -595,7 +612,7 @@ impl Hello {
         if bits & !CAP_ALL != 0 || channels == 0 || channels > MAX_CHANNELS {
             return Err(HandshakeError::Capabilities { bits, channels });
         }
-        if fixed.reserved != [0; 12] {
+        if fixed.reserved != [0; 8] {
             return Err(HandshakeError::Reserved);
         }
         let n = usize::from(fixed.region_count.get());
@@ -626,6 +643,7 @@ impl Hello {
             version: fixed.version.get(),
             caps: Capabilities::from_bits(bits, channels),
             layout,
+            resume: fixed.resume.get(),
         })
     }
 

@@ -129,12 +129,16 @@ pub enum ReturnRepr {
     },
     /// The hello was accepted. The destination states what it takes: at most
     /// `max_channels` channels (in the `id` field) and `max_device_bytes` bytes
-    /// of device state, every section together (in the `first` field).
+    /// of device state, every section together (in the `first` field), and
+    /// names the session (in the `count` field) so that a source can resume
+    /// an interrupted postcopy of this session, and only of this one.
     Accept {
         /// Channels served, the control channel included.
         max_channels: u16,
         /// Bytes of device state taken, every section together.
         max_device_bytes: u64,
+        /// The session's id, 0 when this side offers no resume.
+        session: u32,
     },
     /// The guest runs on the destination: the answer to *go*.
     Started,
@@ -254,13 +258,11 @@ impl ReturnRepr {
                     detail: first,
                 }
             }
-            ReturnKind::Accept => {
-                zero(count.into(), Field::Count)?;
-                ReturnRepr::Accept {
-                    max_channels: id,
-                    max_device_bytes: first,
-                }
-            }
+            ReturnKind::Accept => ReturnRepr::Accept {
+                max_channels: id,
+                max_device_bytes: first,
+                session: count,
+            },
             ReturnKind::Ready | ReturnKind::Started => {
                 zero(id.into(), Field::Id)?;
                 zero(count.into(), Field::Count)?;
@@ -296,7 +298,8 @@ impl ReturnRepr {
             ReturnRepr::Accept {
                 max_channels,
                 max_device_bytes,
-            } => (max_channels, 0, max_device_bytes),
+                session,
+            } => (max_channels, session, max_device_bytes),
             ReturnRepr::Ready | ReturnRepr::Started => (0, 0, 0),
         };
         let mut h = RecordHeader {

@@ -38,6 +38,15 @@
 //! keeps its whole state. If the connection is lost in postcopy, the guest's
 //! faults on missing pages stay pending (the userfaultfd is kept open in
 //! [`PostcopyHold`]) and nothing is written wrongly.
+//!
+//! # Resuming an interrupted postcopy
+//!
+//! [`resume_postcopy`] takes the hold up again: it waits for the source to
+//! come back with a hello naming the session of the hold, opens the
+//! channels again, serves faults anew, and on the source's end of stream
+//! asks for every page still missing (which also covers the faults that
+//! were in flight when the link broke). A resume that fails returns a new
+//! hold, so it can be tried again.
 
 // `Negotiated` and `Hello` are `Copy` in current ferry-core; the clones
 // below stay correct whether or not they are.
@@ -48,9 +57,9 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use ferry_core::session::{DestinationSession, Limits, Timeouts};
+use ferry_core::session::{DestinationSession, Limits, Mode as SessionMode, Timeouts};
 use ferry_core::wire::{
     self, Capabilities, ErrorCode, Hello, Negotiated, Repr, ReturnRepr, MAX_RUN_PAGES,
     MAX_SECTION_CHUNK,
@@ -61,7 +70,7 @@ use crate::link::{
     self, Acceptor, ChannelRole, LinkError, ReturnWriter, WireDecodeError, WireDecoder,
 };
 use crate::migration::{monotonic_ns, DestinationReport, GuestStarter};
-use crate::postcopy::{Claim, PageInstaller, PostcopyError, RequestSink, Uffd, Via};
+use crate::postcopy::{Claim, FaultService, PageInstaller, PostcopyError, RequestSink, Uffd, Via};
 use crate::ram::{Ram, PAGE_SIZE};
 
 /// Why a migration failed on the destination.
@@ -89,6 +98,48 @@ pub struct PostcopyHold {
     pub missing_pages: u64,
     /// The missing pages, as (region, first page, count) runs.
     pub missing_runs: Vec<(u16, u64, u32)>,
+    /// The session a resume must name ([`resume_postcopy`]).
+    pub session: u32,
+    /// What the two sides agreed: layout and capabilities.
+    pub negotiated: Negotiated,
+    /// Which postcopy was running.
+    pub mode: SessionMode,
+    installer: Arc<PageInstaller>,
+}
+
+impl PostcopyHold {
+    fn of(
+        installer: Arc<PageInstaller>,
+        session: u32,
+        negotiated: Negotiated,
+        mode: SessionMode,
+    ) -> Option<PostcopyHold> {
+        let uffd = installer.uffd()?;
+        Some(PostcopyHold {
+            uffd,
+            missing_pages: installer.missing(),
+            missing_runs: installer.missing_runs(MAX_RUN_PAGES),
+            session,
+            negotiated,
+            mode,
+            installer,
+        })
+    }
+}
+
+/// A fresh session id: unpredictable and never 0, so a resume names one
+/// migration only (this is no authentication: that needs TLS).
+fn fresh_session_id() -> u32 {
+    let mut b = [0u8; 4];
+    // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    let mut id = u32::from_le_bytes(b);
+    if n != 4 {
+        // No entropy from the kernel: the clock still tells two sessions
+        // of one host apart.
+        id = monotonic_ns() as u32 ^ std::process::id().rotate_left(16);
+    }
+    id.max(1)
 }
 
 /// How the destination receives.
@@ -1040,7 +1091,7 @@ pub fn receive_with<S: GuestStarter, A: Acceptor>(
     starter: &mut S,
     config: &DestinationConfig,
 ) -> Result<DestinationReport, DestinationError> {
-    receive_any(&mut listener, ram, None, starter, config)
+    receive_any(&mut listener, ram, None, starter, config, None)
 }
 
 /// As [`receive_with`], for memfd-backed guest RAM: `second` is a second
@@ -1056,7 +1107,39 @@ pub fn receive_in_place<S: GuestStarter, A: Acceptor>(
     starter: &mut S,
     config: &DestinationConfig,
 ) -> Result<DestinationReport, DestinationError> {
-    receive_any(&mut listener, ram, Some(second), starter, config)
+    receive_any(&mut listener, ram, Some(second), starter, config, None)
+}
+
+/// Takes up the postcopy that `hold` describes (from a failed
+/// [`receive_with`], [`receive_in_place`] or an earlier resume): waits, at
+/// most the handshake bound, for the source to come back on `listener` with
+/// a hello naming `hold.session`, then receives the rest and completes as
+/// postcopy does. `second` is the second mapping for memfd-backed RAM, as
+/// given to [`receive_in_place`]. The guest keeps running meanwhile; its
+/// vCPUs that touch missing pages wait on their faults. On failure the
+/// error carries a new hold: a resume can be tried again, by the operator
+/// or a retry policy.
+pub fn resume_postcopy<S: GuestStarter, A: Acceptor>(
+    mut listener: A,
+    ram: &Ram<'_>,
+    second: Option<&Ram<'_>>,
+    hold: &PostcopyHold,
+    starter: &mut S,
+    config: &DestinationConfig,
+) -> Result<DestinationReport, DestinationError> {
+    receive_any(&mut listener, ram, second, starter, config, Some(hold))
+}
+
+/// What the receive left behind, for the error path: who to tell, and what
+/// a postcopy hold needs.
+struct Trail {
+    go_received: bool,
+    ret: Option<ReturnWriter>,
+    inst: Option<Arc<PageInstaller>>,
+    error_sent: bool,
+    session: u32,
+    neg: Option<Negotiated>,
+    mode: SessionMode,
 }
 
 fn receive_any<S: GuestStarter>(
@@ -1065,51 +1148,43 @@ fn receive_any<S: GuestStarter>(
     second: Option<&Ram<'_>>,
     starter: &mut S,
     config: &DestinationConfig,
+    resume: Option<&PostcopyHold>,
 ) -> Result<DestinationReport, DestinationError> {
-    let mut go_received = false;
-    let mut ret_holder: Option<ReturnWriter> = None;
-    let mut inst_holder: Option<Arc<PageInstaller>> = None;
-    let mut error_sent = false;
-    let r = receive_inner(
-        listener,
-        ram,
-        second,
-        starter,
-        config,
-        &mut go_received,
-        &mut ret_holder,
-        &mut inst_holder,
-        &mut error_sent,
-    );
+    let mut trail = Trail {
+        go_received: resume.is_some(),
+        ret: None,
+        inst: resume.map(|h| h.installer.clone()),
+        error_sent: false,
+        session: resume.map_or(0, |h| h.session),
+        neg: resume.map(|h| h.negotiated),
+        mode: resume.map_or(SessionMode::Precopy, |h| h.mode),
+    };
+    let r = receive_inner(listener, ram, second, starter, config, resume, &mut trail);
     r.map_err(|mut kind| {
-        if let Some(ret) = ret_holder.filter(|_| !error_sent) {
+        if let Some(ret) = trail.ret.filter(|_| !trail.error_sent) {
             let _ = ret.send(&ReturnRepr::Error {
                 code: kind.code(),
                 detail: 0,
             });
         }
         let mut postcopy_hold = None;
-        if let Some(inst) = inst_holder {
-            if go_received {
-                if let Some(uffd) = inst.take_uffd() {
-                    let missing = inst.missing();
-                    if !matches!(kind, DestinationErrorKind::PostcopyLost { .. }) {
-                        kind = DestinationErrorKind::PostcopyLost {
-                            why: kind.to_string(),
-                            missing,
-                        };
-                    }
-                    postcopy_hold = Some(Box::new(PostcopyHold {
-                        uffd,
-                        missing_pages: missing,
-                        missing_runs: inst.missing_runs(MAX_RUN_PAGES),
-                    }));
+        if let (Some(inst), Some(neg), true) = (trail.inst, trail.neg, trail.go_received) {
+            if let Some(hold) = PostcopyHold::of(inst, trail.session, neg, trail.mode) {
+                // A resume that failed says why as it is (its caller knows
+                // the guest is held: a source that has not come back yet
+                // is a wait that ran out, not a loss).
+                if resume.is_none() && !matches!(kind, DestinationErrorKind::PostcopyLost { .. }) {
+                    kind = DestinationErrorKind::PostcopyLost {
+                        why: kind.to_string(),
+                        missing: hold.missing_pages,
+                    };
                 }
+                postcopy_hold = Some(Box::new(hold));
             }
         }
         DestinationError {
             kind,
-            go_received,
+            go_received: trail.go_received,
             postcopy_hold,
         }
     })
@@ -1264,29 +1339,57 @@ struct Handshaken {
     session: DestinationSession,
 }
 
-/// Accepts the control connection and runs the handshake under the session.
+/// Accepts the control connection and runs the handshake under the session:
+/// a new migration's, or (with `resume`) the one that takes up an
+/// interrupted postcopy, which waits for the source at most the handshake
+/// bound.
 fn handshake(
     listener: &mut dyn Acceptor,
     ram: &Ram<'_>,
     config: &DestinationConfig,
+    resume: Option<&PostcopyHold>,
 ) -> Result<Handshaken, DestinationErrorKind> {
-    let mut ctl_conn = listener.accept(ChannelRole::Control)?;
+    let mut ctl_conn = match resume {
+        None => listener.accept(ChannelRole::Control)?,
+        Some(_) => listener.accept_within(
+            ChannelRole::Control,
+            Duration::from_nanos(config.timeouts.handshake),
+        )?,
+    };
     let ret = ReturnWriter::new(ctl_conn.try_clone().map_err(|source| LinkError::Io {
         what: "duplicating the control socket",
         source,
     })?);
     let layout = ram.layout().map_err(DestinationErrorKind::Layout)?;
-    let ours = Hello::new(
-        Capabilities {
+    // A resume offers what the interrupted session had agreed.
+    let caps = match resume {
+        Some(h) => Capabilities {
+            channels: 0,
+            ..h.negotiated.caps
+        },
+        None => Capabilities {
             postcopy_ram: config.postcopy_ram,
             postcopy_only_sections: config.postcopy_only_sections,
             payload_checksums: true,
             channels: 0,
         },
-        layout,
-    );
-    let mut session = DestinationSession::new(monotonic_ns(), config.timeouts, config.limits);
+    };
+    let ours = Hello::new(caps, layout);
+    let now = monotonic_ns();
+    let mut session = match resume {
+        Some(h) => {
+            DestinationSession::resume(now, config.timeouts, config.limits, h.session, h.mode)
+        }
+        None => DestinationSession::new(now, config.timeouts, config.limits)
+            .with_session_id(fresh_session_id()),
+    };
     let neg = link::destination_handshake(&mut ctl_conn, &ours, &ret, &mut session)?;
+    if let Some(h) = resume {
+        // The channels of a resume may differ; nothing else may.
+        if neg.caps.postcopy_ram != h.negotiated.caps.postcopy_ram {
+            return Err(DestinationErrorKind::PostcopyNotNegotiated);
+        }
+    }
     Ok(Handshaken {
         ctl_conn,
         ret,
@@ -1404,34 +1507,37 @@ impl Wakers {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn receive_inner<S: GuestStarter>(
     listener: &mut dyn Acceptor,
     ram: &Ram<'_>,
     second: Option<&Ram<'_>>,
     starter: &mut S,
     config: &DestinationConfig,
-    go_received: &mut bool,
-    ret_holder: &mut Option<ReturnWriter>,
-    inst_holder: &mut Option<Arc<PageInstaller>>,
-    error_sent: &mut bool,
+    resume: Option<&PostcopyHold>,
+    trail: &mut Trail,
 ) -> Result<DestinationReport, DestinationErrorKind> {
     let Handshaken {
         ctl_conn,
         ret,
         neg,
         session,
-    } = handshake(listener, ram, config)?;
-    *ret_holder = Some(ret.clone());
+    } = handshake(listener, ram, config, resume)?;
+    trail.ret = Some(ret.clone());
+    trail.session = session.session_id();
+    trail.neg = Some(neg);
     let second = second.filter(|_| neg.caps.postcopy_ram);
     let chans = open_channels(listener, ram, second, config, &neg, &ctl_conn)?;
-    let inst = neg.caps.postcopy_ram.then(|| {
-        Arc::new(match second {
-            Some(second) => PageInstaller::new_in_place(ram, second),
-            None => PageInstaller::new(ram),
-        })
-    });
-    *inst_holder = inst.clone();
+    let inst = match resume {
+        Some(h) => Some(h.installer.clone()),
+        None => neg.caps.postcopy_ram.then(|| {
+            Arc::new(match second {
+                Some(second) => PageInstaller::new_in_place(ram, second),
+                None => PageInstaller::new(ram),
+            })
+        }),
+    };
+    trail.inst = inst.clone();
+    let go_received = &mut trail.go_received;
     let torn = Torn::new(ram);
     let finished = AtomicBool::new(false);
     let (notes_tx, notes_rx) = mpsc::channel::<BulkNote>();
@@ -1448,7 +1554,13 @@ fn receive_inner<S: GuestStarter>(
         }
         None => None,
     };
-    std::thread::scope(|scope| {
+    // A resume serves faults again from the start, on the new urgent
+    // connection.
+    let faults = match (resume, inst.clone(), urgent_writer.clone()) {
+        (Some(_), Some(inst), Some(w)) => Some(FaultService::start(inst, UrgentRequests(w))?),
+        _ => None,
+    };
+    let (result, error_sent, mode) = std::thread::scope(|scope| {
         let watchdog = scope.spawn(|| watch.run(&wakers));
         let mut handles = Vec::with_capacity(n_bulk);
         for (i, chan) in chans.bulk.into_iter().enumerate() {
@@ -1483,9 +1595,9 @@ fn receive_inner<S: GuestStarter>(
             sections: control::Sections::default(),
             pc_sections: control::Sections::default(),
             stats: RecvStats::default(),
-            go_at: None,
+            go_at: resume.map(|_| Instant::now()),
             report: DestinationReport::default(),
-            faults: None,
+            faults,
             bulk: Some(handles),
             n_bulk,
             notes: notes_rx,
@@ -1503,14 +1615,20 @@ fn receive_inner<S: GuestStarter>(
         };
         let result = control.run();
         control.stop_postcopy();
+        let mode = control.session.mode();
         let ends = Ends {
             ret: &ret,
             ctl_conn: &ctl_conn,
             wakers: &wakers,
             watch: &watch,
         };
-        ends.wind_down(result, error_sent, watchdog, urgent_handle)
-    })
+        let mut error_sent = false;
+        let r = ends.wind_down(result, &mut error_sent, watchdog, urgent_handle);
+        (r, error_sent, mode)
+    });
+    trail.error_sent = error_sent;
+    trail.mode = mode;
+    result
 }
 
 /// What must be closed and joined when the migration ends here.

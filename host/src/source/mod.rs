@@ -37,7 +37,9 @@ use std::time::{Duration, Instant};
 use ferry_core::bitmap::DirtyBitmap;
 use ferry_core::pending::{Pending, Section};
 use ferry_core::policy::{self};
-use ferry_core::session::{Custody, SessionError, SourceAction, SourceEvent, SourceSession};
+use ferry_core::session::{
+    Custody, SessionError, SourceAction, SourceEvent, SourceSession, Switchover,
+};
 use ferry_core::wire::{
     self, Capabilities, Hello, Negotiated, Repr, ReturnRepr, StreamEncoder, HEADER_LEN,
     MAX_RUN_PAGES, MAX_SECTION_CHUNK,
@@ -180,8 +182,11 @@ pub enum SourceError {
     PostcopyInterrupted {
         /// What failed.
         why: Box<SourceError>,
-        /// Pages left to stream when postcopy started.
+        /// Pages left to stream when postcopy started (0 after a resume: the
+        /// destination asks for what it misses).
         pages_left: u64,
+        /// What [`resume_postcopy`] needs to take postcopy up again.
+        hold: Box<SourceHold>,
     },
     /// Encoding a record failed (a bug).
     #[error("could not encode a record: {0}")]
@@ -204,6 +209,20 @@ pub enum Unconfirmed {
         /// Where it stands.
         phase: &'static str,
     },
+}
+
+/// What the source keeps when postcopy's connection breaks: the guest stays
+/// paused here with every page, and [`resume_postcopy`] takes the migration
+/// up again from this.
+#[derive(Clone, Debug)]
+pub struct SourceHold {
+    /// The session the destination named in its *accept*; a resume names
+    /// it again, and a destination that holds another refuses it.
+    pub session: u32,
+    /// How the switchover went.
+    pub switchover: Switchover,
+    /// The postcopy-only snapshot bitmap, if any: sent again in full.
+    snapshot: Option<Vec<Vec<u64>>>,
 }
 
 /// How the source connects.
@@ -398,6 +417,49 @@ pub fn migrate_over<T: DirtyTracker, G: GuestControl, C: Connector>(
     )
 }
 
+/// Takes up a postcopy whose connection broke ([`SourceError::PostcopyInterrupted`]
+/// gave `hold`): connects to the destination at `link.endpoint` again with a
+/// hello naming the session, serves the destination's page requests (it asks
+/// for every page it still misses, which covers the faults that were in
+/// flight), sends the postcopy-only sections again, and completes on the
+/// destination's final *ready*. The guest stays paused here throughout, as
+/// after *go*; on failure the error is `PostcopyInterrupted` again, with a
+/// hold to try once more.
+pub fn resume_postcopy(
+    ram: &Ram<'_>,
+    config: &SourceConfig,
+    link: &SourceLink,
+    hold: &SourceHold,
+    events: &mut dyn FnMut(&Event),
+) -> Result<SourceReport, SourceError> {
+    let interrupted = |why: SourceError| match why {
+        e @ SourceError::PostcopyInterrupted { .. } => e,
+        why => SourceError::PostcopyInterrupted {
+            why: Box::new(why),
+            pages_left: 0,
+            hold: Box::new(hold.clone()),
+        },
+    };
+    let probe = ferry_uring::probe();
+    let mut dial = &link.endpoint;
+    let mut src = Source::connect(
+        ram,
+        config,
+        &mut dial,
+        link.transport,
+        link.bulk_channels,
+        &probe,
+        Some(hold),
+    )
+    .map_err(interrupted)?;
+    events(&Event::Connected {
+        transport: src.transport_name.clone(),
+    });
+    let result = src.resume(hold, events);
+    src.shutdown();
+    result.map_err(interrupted)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_migration<T: DirtyTracker, G: GuestControl>(
     ram: &Ram<'_>,
@@ -410,7 +472,15 @@ fn run_migration<T: DirtyTracker, G: GuestControl>(
     events: &mut dyn FnMut(&Event),
 ) -> Result<SourceReport, SourceError> {
     let probe = ferry_uring::probe();
-    let mut src = Source::connect(ram, config, connections, transport, bulk_channels, &probe)?;
+    let mut src = Source::connect(
+        ram,
+        config,
+        connections,
+        transport,
+        bulk_channels,
+        &probe,
+        None,
+    )?;
     events(&Event::Connected {
         transport: src.transport_name.clone(),
     });
@@ -447,22 +517,37 @@ impl<'r, 'm> Source<'r, 'm> {
         transport: Transport,
         bulk_channels: usize,
         probe: &ProbeReport,
+        resume: Option<&SourceHold>,
     ) -> Result<Self, SourceError> {
         let started = Instant::now();
         let n_bulk = bulk_channels.max(1);
         let layout = ram.layout().map_err(SourceError::Layout)?;
-        let extra = if config.offer_postcopy_ram { 2 } else { 1 };
+        // A resume of postcopy RAM needs its urgent channel whatever the
+        // configuration says now.
+        let postcopy_ram = config.offer_postcopy_ram
+            || resume.is_some_and(|h| h.switchover == Switchover::PostcopyRam);
+        let postcopy_only_sections = config.offer_postcopy_only_sections
+            || resume.is_some_and(|h| h.switchover == Switchover::PostcopySections);
+        let extra = if postcopy_ram { 2 } else { 1 };
         let caps = Capabilities {
-            postcopy_ram: config.offer_postcopy_ram,
-            postcopy_only_sections: config.offer_postcopy_only_sections,
+            postcopy_ram,
+            postcopy_only_sections,
             // Always on: only an authenticated transport with its own
             // integrity check may ever replace them.
             payload_checksums: true,
             channels: u16::try_from(n_bulk + extra).unwrap_or(u16::MAX),
         };
-        let hello = Hello::new(caps, layout);
+        let (hello, mut session) = match resume {
+            None => (
+                Hello::new(caps, layout),
+                SourceSession::new(0, config.timeouts, caps.channels),
+            ),
+            Some(h) => (
+                Hello::resuming(caps, layout, h.session),
+                SourceSession::resume(0, config.timeouts, caps.channels, h.session, h.switchover),
+            ),
+        };
         let mut ctl_conn = connections.connect(ChannelRole::Control)?;
-        let mut session = SourceSession::new(0, config.timeouts, caps.channels);
         let (neg, ret_dec, accept) = link::source_handshake(
             &mut ctl_conn,
             &hello,

@@ -14,7 +14,7 @@ use ferry_core::wire::{Repr, ReturnRepr};
 use super::run::SenderHandle;
 use super::{
     count_bits, join_senders_list, stream_background, urgent_server, words_bytes, Job, SenderStats,
-    Source, SourceError, UrgentStats,
+    Source, SourceError, SourceHold, UrgentStats,
 };
 use crate::migration::{
     Event, PostcopyProgress, SourcePostcopyReport, SourceReport, SNAPSHOT_BITMAP_SECTION,
@@ -31,6 +31,15 @@ pub(super) struct PostcopyWork<'a, 's> {
 }
 
 impl<'r, 'm> Source<'r, 'm> {
+    /// What a resume of this session's postcopy needs.
+    pub(super) fn hold(&self, snapshot: Option<&[Vec<u64>]>) -> SourceHold {
+        SourceHold {
+            session: self.session.session_id(),
+            switchover: self.session.switchover(),
+            snapshot: snapshot.map(<[Vec<u64>]>::to_vec),
+        }
+    }
+
     /// After *go*: serves page requests on the urgent channel, streams the
     /// remaining pages in the background, then the postcopy-only sections,
     /// and waits for the destination's final acknowledgement.
@@ -50,9 +59,11 @@ impl<'r, 'm> Source<'r, 'm> {
             Some(_) => work.bitmaps.iter().map(|b| count_bits(b)).sum(),
             None => 0,
         };
+        let hold = self.hold(work.snapshot);
         let lost = |why: SourceError| SourceError::PostcopyInterrupted {
             why: Box::new(why),
             pages_left,
+            hold: Box::new(hold.clone()),
         };
         self.send_ctl(Repr::PostcopyRun, &[]).map_err(lost)?;
         events(&Event::PostcopyStarted {

@@ -19,6 +19,7 @@ use super::stall::SendProgress;
 use super::{
     count_bits, dispatch, flush_all, join_senders_list, or_into, send_discards, sender_thread,
     words_bytes, DevicePending, Job, RamPending, SenderStats, SnapshotPending, Source, SourceError,
+    SourceHold,
 };
 use crate::dirty::{DirtyError, DirtyTracker};
 use crate::migration::{
@@ -224,6 +225,7 @@ impl<'r, 'm> Source<'r, 'm> {
                         e => SourceError::PostcopyInterrupted {
                             why: Box::new(e),
                             pages_left,
+                            hold: Box::new(self.hold(st.snapshot.as_deref())),
                         },
                     });
                 }
@@ -242,6 +244,53 @@ impl<'r, 'm> Source<'r, 'm> {
             }
             r => r,
         }
+    }
+
+    /// Takes up an interrupted postcopy after the resume's handshake: the
+    /// destination asks for what it misses; the postcopy-only sections go
+    /// again; the final *ready* completes it.
+    pub(super) fn resume(
+        &mut self,
+        hold: &SourceHold,
+        events: &mut dyn FnMut(&Event),
+    ) -> Result<SourceReport, SourceError> {
+        let setup_ns = self.elapsed_ns();
+        let mut st = self.rounds_state();
+        let (ram, neg) = (self.ram, self.neg);
+        let bulk = std::mem::take(&mut self.bulk);
+        let wakers = std::mem::take(&mut self.bulk_wakers);
+        let progress = SendProgress::default();
+        let stall_bound = self.stall_bound();
+        std::thread::scope(|scope| -> Result<SourceReport, SourceError> {
+            scope.spawn(|| progress.watch(stall_bound, &wakers));
+            let _finish = Finish(&progress);
+            let mut senders = spawn_senders(scope, bulk, ram, &neg, None, &progress);
+            let mut pc = SourcePostcopyReport {
+                mode: if hold.switchover == Switchover::PostcopyRam {
+                    PostcopyMode::Ram
+                } else {
+                    PostcopyMode::Sections
+                },
+                ..SourcePostcopyReport::default()
+            };
+            // Nothing to stream of our own: every page the destination
+            // misses, it asks for.
+            let work = PostcopyWork {
+                bitmaps: &mut st.bitmaps,
+                pages: &st.pages,
+                jobs: senders.jobs.take(),
+                senders: senders.handles.take(),
+                snapshot: hold.snapshot.as_deref(),
+                max_run: st.max_run,
+            };
+            let t = Instant::now();
+            let outcome = self.postcopy(scope, work, &mut st.report, &mut pc, events);
+            pc.postcopy_ns = t.elapsed().as_nanos() as u64;
+            outcome?;
+            st.report.postcopy = Some(pc);
+            events(&Event::Completed);
+            self.completed(st.report, setup_ns)
+        })
     }
 
     /// How long a send may make no progress: the time allowed to converge,
