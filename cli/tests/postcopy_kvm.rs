@@ -176,6 +176,17 @@ fn run(memfd: bool) {
         dpc.pages_missing_at_switchover
     );
     assert!(dpc.fault_latency.count > 0);
+    // The histogram holds every timed fault, and their waits add up to the
+    // time the vCPUs were blocked.
+    assert_eq!(
+        dpc.fault_latency_buckets_us.iter().sum::<u64>(),
+        dpc.fault_latency.count
+    );
+    assert!(dpc.blocked_ns > 0);
+    assert!(dpc.blocked_ns <= dpc.fault_latency.count * dpc.fault_latency.max_ns);
+    // The guest counted its own progress during postcopy.
+    let rate = starter.rate_since_start().expect("the guest started here");
+    assert!(rate > 0.0, "the guest made progress during postcopy");
     // The guest runs on and checks every page against its own record.
     let r = dst.request_verify(T).unwrap();
     assert_eq!(r.mismatches, 0, "{r:?}");

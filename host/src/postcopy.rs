@@ -378,6 +378,29 @@ impl LatencySummary {
     }
 }
 
+/// Fault latencies in power-of-two microsecond buckets, as QEMU's
+/// `postcopy-latency-dist`: entry `k` counts faults that waited at least
+/// 2^k µs and less than 2^(k+1) µs (entry 0 also those under 1 µs);
+/// trailing empty buckets are left out.
+pub fn latency_buckets_us(h: &Histogram<u64>) -> Vec<u64> {
+    let mut out = vec![0u64; 40];
+    for v in h.iter_recorded() {
+        let us = v.value_iterated_to() / 1000;
+        let k = if us <= 1 {
+            0
+        } else {
+            (63 - us.leading_zeros()) as usize
+        };
+        if let Some(b) = out.get_mut(k) {
+            *b += v.count_at_value();
+        }
+    }
+    while out.last() == Some(&0) {
+        out.pop();
+    }
+    out
+}
+
 /// Which postcopy followed the switchover.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(
@@ -414,6 +437,14 @@ pub struct DestinationPostcopyReport {
     pub faults: u64,
     /// Time from a fault being read to its page being installed.
     pub fault_latency: LatencySummary,
+    /// The same latencies in power-of-two microsecond buckets
+    /// ([`latency_buckets_us`]).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub fault_latency_buckets_us: Vec<u64>,
+    /// Time the guest's vCPUs spent blocked on faults, all faults together
+    /// (each fault blocks the vCPU that touched the page), nanoseconds.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub blocked_ns: u64,
     /// From *go* to the last page (and section) arriving, nanoseconds.
     pub postcopy_ns: u64,
     /// Pages installed from urgent replies (fetched on demand).
@@ -478,6 +509,8 @@ pub struct PageInstaller {
     pending: Mutex<HashMap<(u16, u64), Instant>>,
     latency: Mutex<Option<Histogram<u64>>>,
     faults: AtomicU64,
+    /// Sum of the fault latencies: the time vCPUs spent blocked.
+    blocked_ns: AtomicU64,
     on_demand: AtomicU64,
     streamed: AtomicU64,
     missing_at_arm: AtomicU64,
@@ -517,6 +550,7 @@ impl PageInstaller {
             pending: Mutex::new(HashMap::new()),
             latency: Mutex::new(latency),
             faults: AtomicU64::new(0),
+            blocked_ns: AtomicU64::new(0),
             on_demand: AtomicU64::new(0),
             streamed: AtomicU64::new(0),
             missing_at_arm: AtomicU64::new(0),
@@ -791,6 +825,7 @@ impl PageInstaller {
                 for p in first..first + count {
                     if let Some(t) = pending.remove(&(region, p)) {
                         let ns = now.duration_since(t).as_nanos().min(u128::from(u64::MAX)) as u64;
+                        self.blocked_ns.fetch_add(ns, Ordering::Relaxed);
                         if let Some(h) = lat.as_mut() {
                             let _ = h.record(ns.max(1));
                         }
@@ -1015,6 +1050,8 @@ impl PageInstaller {
             mode: PostcopyMode::Ram,
             faults: self.faults.load(Ordering::Relaxed),
             fault_latency: lat.as_ref().map(LatencySummary::of).unwrap_or_default(),
+            fault_latency_buckets_us: lat.as_ref().map(latency_buckets_us).unwrap_or_default(),
+            blocked_ns: self.blocked_ns.load(Ordering::Relaxed),
             postcopy_ns: 0,
             pages_on_demand: self.on_demand.load(Ordering::Relaxed),
             pages_streamed: self.streamed.load(Ordering::Relaxed),
@@ -1194,5 +1231,28 @@ impl Zapper {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latencies_fall_in_power_of_two_microsecond_buckets() {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3).unwrap();
+        // ns: 0.5 µs and 1.9 µs (bucket 0), 2 µs and 3.9 µs (bucket 1),
+        // 100 µs (64..128: bucket 6), 1.5 ms (1024..2048: bucket 10).
+        for ns in [500, 1_900, 2_000, 3_900, 100_000, 100_000, 1_500_000] {
+            h.record(ns).unwrap();
+        }
+        let b = latency_buckets_us(&h);
+        assert_eq!(b.len(), 11, "{b:?}");
+        assert_eq!(b[0], 2);
+        assert_eq!(b[1], 2);
+        assert_eq!(b[6], 2);
+        assert_eq!(b[10], 1);
+        assert_eq!(b.iter().sum::<u64>(), 7);
+        assert!(latency_buckets_us(&Histogram::<u64>::new(3).unwrap()).is_empty());
     }
 }

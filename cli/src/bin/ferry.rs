@@ -300,6 +300,10 @@ struct DestinationSummary {
     /// Postcopy cut off and taken up again: the attempt that succeeded.
     #[serde(default)]
     recoveries: u32,
+    /// In postcopy: the guest's own rate here from its start to the last
+    /// page, pages per second.
+    #[serde(default)]
+    guest_rate_in_postcopy: Option<f64>,
 }
 
 /// One line of `ferry receive --json`: JSON lines told apart by `type`.
@@ -338,6 +342,8 @@ struct DemoReport {
     source_guest_after_failure: Option<SourceGuestCheck>,
     /// Postcopy cut off and taken up again: the attempt that succeeded.
     recoveries: u32,
+    /// The source guest's own rate before the migration, pages per second.
+    guest_rate_before: f64,
 }
 
 /// The guest's verification on the source after a failed migration.
@@ -418,14 +424,27 @@ fn start_source(g: &GuestArgs, m: &MigrateArgs, pb: &ProgressBar) -> Result<Vm, 
     );
     vm.set_dirty_rate(m.dirty_rate)?;
     vm.wait_rate_applied(Duration::from_secs(10))?;
+    // The guest's own rate before the migration, by its own counter: the
+    // baseline for its rate during postcopy.
+    let p0 = vm.guest_status()?.pages_dirtied;
+    let t = Instant::now();
     std::thread::sleep(Duration::from_millis(300));
+    let rate =
+        vm.guest_status()?.pages_dirtied.saturating_sub(p0) as f64 / t.elapsed().as_secs_f64();
+    GUEST_RATE_BEFORE.store(rate as u64, std::sync::atomic::Ordering::Relaxed);
     note(
         pb,
         m.json,
-        format!("guest: dirtying {}/s", human_bytes(m.dirty_rate)),
+        format!(
+            "guest: dirtying {}/s ({rate:.0} pages/s by its own count)",
+            human_bytes(m.dirty_rate)
+        ),
     );
     Ok(vm)
 }
+
+/// The source guest's own rate before the migration, pages per second.
+static GUEST_RATE_BEFORE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn run_source(
     vm: &Vm,
@@ -738,6 +757,7 @@ fn demo(a: DemoArgs) -> Result<ExitCode, BoxError> {
         guest_verified: verified,
         source_guest_after_failure: source_check,
         recoveries,
+        guest_rate_before: GUEST_RATE_BEFORE.load(std::sync::atomic::Ordering::Relaxed) as f64,
     };
     if discarded {
         eprintln!("ferry: the guest held here is discarded");
@@ -853,9 +873,34 @@ fn print_report(r: &DemoReport, json: bool) -> Result<(), BoxError> {
         )?;
         writeln!(
             out,
+            "  fault latency    {} (µs, power-of-two buckets); vCPUs blocked {:.1} ms in all",
+            latency_buckets_text(&p.fault_latency_buckets_us),
+            p.blocked_ns as f64 / 1e6
+        )?;
+        writeln!(
+            out,
             "  pages            {} missing at switchover: {} fetched on demand, {} streamed",
             p.pages_missing_at_switchover, p.pages_on_demand, p.pages_streamed
         )?;
+        if let Some(rate) = r
+            .destination
+            .as_ref()
+            .and_then(|d| d.guest_rate_in_postcopy)
+        {
+            let pct = if r.guest_rate_before > 0.0 {
+                format!(
+                    " ({:.0} % of its rate before)",
+                    100.0 * rate / r.guest_rate_before
+                )
+            } else {
+                String::new()
+            };
+            writeln!(
+                out,
+                "  guest speed      {rate:.0} pages/s during postcopy{pct}, {:.0} pages/s before, by its own count",
+                r.guest_rate_before
+            )?;
+        }
     }
     if let Some(d) = &r.destination {
         if d.ok {
@@ -967,6 +1012,7 @@ fn send_report(
         guest_verified: false,
         source_guest_after_failure: source_check,
         recoveries,
+        guest_rate_before: GUEST_RATE_BEFORE.load(std::sync::atomic::Ordering::Relaxed) as f64,
     };
     (report, outcome, holds)
 }
@@ -1099,6 +1145,9 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
     let mut postcopy_stuck = None;
     let code = match result {
         Ok(r) => {
+            if r.postcopy.is_some() {
+                summary.guest_rate_in_postcopy = starter.rate_since_start();
+            }
             fill_summary(&mut summary, &r);
             let at_start = vm.guest_status().map(|s| s.pages_dirtied).unwrap_or(0);
             let t = Instant::now();
@@ -1170,6 +1219,25 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
     Ok(code.into())
 }
 
+/// Power-of-two latency buckets as text: `<2:5 2-4:17 4-8:3`, empty ones
+/// left out.
+fn latency_buckets_text(buckets: &[u64]) -> String {
+    let parts: Vec<String> = buckets
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| match k {
+            0 => format!("<2:{n}"),
+            k => format!("{}-{}:{n}", 1u64 << k, 1u64 << (k + 1)),
+        })
+        .collect();
+    if parts.is_empty() {
+        "no faults".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
 /// Prints `ferry receive`'s report: a JSON line with `--json`.
 fn print_receive(summary: &DestinationSummary, json: bool) -> Result<(), BoxError> {
     let mut out = std::io::stdout().lock();
@@ -1194,6 +1262,18 @@ fn print_receive(summary: &DestinationSummary, json: bool) -> Result<(), BoxErro
                 "ferry receive: postcopy ({}): {} faults, latency p50 {} ns, p99 {} ns, p99.9 {} ns, max {} ns; {} pages fetched on demand, {} streamed",
                 p.mode, p.faults, p.fault_latency.p50_ns, p.fault_latency.p99_ns, p.fault_latency.p999_ns, p.fault_latency.max_ns, p.pages_on_demand, p.pages_streamed
             )?;
+            writeln!(
+                out,
+                "ferry receive: fault latency {} (µs, power-of-two buckets); vCPUs blocked {:.1} ms in all",
+                latency_buckets_text(&p.fault_latency_buckets_us),
+                p.blocked_ns as f64 / 1e6
+            )?;
+            if let Some(rate) = summary.guest_rate_in_postcopy {
+                writeln!(
+                    out,
+                    "ferry receive: the guest ran at {rate:.0} pages/s during postcopy, by its own count"
+                )?;
+            }
         }
     }
     drop(out);
