@@ -113,6 +113,8 @@ pub(super) struct Control<'s, 'a, 'm, S> {
     pub config: &'a DestinationConfig,
     pub starter: &'a mut S,
     pub go_received: &'a mut bool,
+    /// Postcopy RAM: how long the switchover waited for the bulk markers.
+    pub markers_wait_ns: u64,
 }
 
 impl<S: GuestStarter> Control<'_, '_, '_, S> {
@@ -244,6 +246,7 @@ impl<S: GuestStarter> Control<'_, '_, '_, S> {
         let (Some(inst), Some(writer)) = (self.inst.clone(), self.urgent_writer.clone()) else {
             return Err(DestinationErrorKind::PostcopyNotNegotiated);
         };
+        let t = Instant::now();
         for _ in 0..self.n_bulk {
             match self.notes.recv() {
                 Ok(BulkNote::Marker) => {}
@@ -254,11 +257,21 @@ impl<S: GuestStarter> Control<'_, '_, '_, S> {
                 }
             }
         }
+        self.markers_wait_ns = t.elapsed().as_nanos() as u64;
         inst.arm(if inst.in_place() {
             Uffd::new_minor()?
         } else {
             Uffd::new()?
         })?;
+        if inst.in_place() {
+            // The received pages are mapped while the handover goes on and
+            // the guest runs, not in the downtime; until then a first touch
+            // maps its page through a minor fault.
+            let mapper = inst.clone();
+            let _ = std::thread::Builder::new()
+                .name("ferry-map".into())
+                .spawn(move || mapper.map_received());
+        }
         self.faults = Some(FaultService::start(inst, UrgentRequests(writer))?);
         Ok(())
     }
@@ -318,6 +331,7 @@ impl<S: GuestStarter> Control<'_, '_, '_, S> {
             .map(|t| t.elapsed().as_nanos() as u64)
             .unwrap_or(0);
         pc.section_bytes = secs.iter().map(|s| s.bytes.len() as u64).sum();
+        pc.markers_wait_ns = self.markers_wait_ns;
         self.report.postcopy = Some(pc);
         Ok(self.final_report())
     }

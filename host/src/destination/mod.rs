@@ -1612,6 +1612,7 @@ fn receive_inner<S: GuestStarter>(
             config,
             starter,
             go_received,
+            markers_wait_ns: 0,
         };
         let result = control.run();
         control.stop_postcopy();
