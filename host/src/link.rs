@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_core::session::DestinationSession;
 use ferry_core::wire::{
@@ -481,6 +481,54 @@ fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> LinkError {
     move |source| LinkError::Io { what, source }
 }
 
+/// Fills `buf` from `conn` before `deadline`, however the peer spreads its
+/// bytes: the socket's receive timeout is set to what is left before every
+/// read, so a peer that trickles cannot stretch the wait. Running out of
+/// time is [`LinkError::Timeout`] naming `what` and `bound`; the timeout is
+/// cleared afterwards.
+fn read_exact_by(
+    conn: &mut Conn,
+    buf: &mut [u8],
+    deadline: Instant,
+    bound: Duration,
+    what: &'static str,
+) -> Result<(), LinkError> {
+    let timeout = || LinkError::Timeout {
+        what,
+        after_ms: u64::try_from(bound.as_millis()).unwrap_or(u64::MAX),
+    };
+    let mut at = 0;
+    while at < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timeout());
+        }
+        conn.set_read_timeout(Some(left))
+            .map_err(io_err("setting a timeout"))?;
+        match conn.read(&mut buf[at..]) {
+            Ok(0) => {
+                return Err(LinkError::Io {
+                    what,
+                    source: io::ErrorKind::UnexpectedEof.into(),
+                })
+            }
+            Ok(n) => at += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(timeout())
+            }
+            Err(source) => return Err(LinkError::Io { what, source }),
+        }
+    }
+    conn.set_read_timeout(None)
+        .map_err(io_err("clearing a timeout"))
+}
+
 /// Source side of the handshake: sends our hello, waits at most `timeout` for
 /// *accept* (or the destination's refusal) on the return path. Returns what
 /// was negotiated, the return-path decoder, which has consumed the *accept*,
@@ -492,23 +540,31 @@ pub fn source_handshake(
 ) -> Result<(Negotiated, ReturnDecoder, ReturnRepr), LinkError> {
     let mut buf = [0u8; MAX_HELLO_LEN];
     let n = hello.emit(&mut buf).map_err(LinkError::Emit)?;
+    let deadline = Instant::now() + timeout;
     ctl.write_all(&buf[..n])
         .map_err(io_err("sending the hello"))?;
-    ctl.set_read_timeout(Some(timeout))
-        .map_err(io_err("setting a timeout"))?;
     // The destination negotiates against its own hello; ours is what both
     // sides use (the destination refuses anything it cannot honour).
     let neg = hello.negotiate(hello).map_err(LinkError::Handshake)?;
     let mut dec = ReturnDecoder::new(neg);
-    let rec = read_return(ctl, &mut dec).map_err(|e| match e {
-        ReturnReadError::Io(source) => LinkError::Io {
-            what: "waiting for the destination's answer to the hello",
-            source,
-        },
-        ReturnReadError::Decode(d) => LinkError::Decode(d),
-    })?;
-    ctl.set_read_timeout(None)
-        .map_err(io_err("clearing a timeout"))?;
+    // The answer is one return record: its header, whole, within the bound.
+    let mut hdr = [0u8; HEADER_LEN];
+    read_exact_by(
+        ctl,
+        &mut hdr,
+        deadline,
+        timeout,
+        "waiting for the destination's answer to the hello",
+    )?;
+    let rec = match dec.step(&hdr).map_err(LinkError::Decode)? {
+        (_, Some(rec)) => rec,
+        (_, None) => {
+            return Err(LinkError::Io {
+                what: "decoding the destination's answer to the hello",
+                source: io::ErrorKind::InvalidData.into(),
+            })
+        }
+    };
     match rec.repr {
         accept @ ReturnRepr::Accept { .. } => Ok((neg, dec, accept)),
         ReturnRepr::Error { code, detail } => Err(LinkError::Refused { code, detail }),
@@ -528,27 +584,11 @@ pub fn destination_handshake(
     session: &mut DestinationSession,
 ) -> Result<Negotiated, LinkError> {
     let mut buf = [0u8; MAX_HELLO_LEN];
-    ctl.set_read_timeout(Some(Duration::from_nanos(
-        session.timeouts().handshake.max(1),
-    )))
-    .map_err(io_err("setting a timeout"))?;
-    let after_ms = session.timeouts().handshake / 1_000_000;
-    let read = ctl.read_exact(&mut buf[..HEADER_LEN]).map_err(|e| {
-        if matches!(
-            e.kind(),
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-        ) {
-            LinkError::Timeout {
-                what: "waiting for the source's hello",
-                after_ms,
-            }
-        } else {
-            LinkError::Io {
-                what: "reading the source's hello",
-                source: e,
-            }
-        }
-    });
+    // One bound for the whole hello, however the source spreads its bytes.
+    let bound = Duration::from_nanos(session.timeouts().handshake.max(1));
+    let deadline = Instant::now() + bound;
+    let what = "waiting for the source's hello";
+    let read = read_exact_by(ctl, &mut buf[..HEADER_LEN], deadline, bound, what);
     if let Err(e) = read {
         let _ = ret.send(&ReturnRepr::Error {
             code: wire::ErrorCode::Handshake,
@@ -568,10 +608,19 @@ pub fn destination_handshake(
             return Err(LinkError::Handshake(e));
         }
     };
-    ctl.read_exact(&mut buf[HEADER_LEN..HEADER_LEN + rest])
-        .map_err(io_err("reading the source's hello"))?;
-    ctl.set_read_timeout(None)
-        .map_err(io_err("clearing a timeout"))?;
+    if let Err(e) = read_exact_by(
+        ctl,
+        &mut buf[HEADER_LEN..HEADER_LEN + rest],
+        deadline,
+        bound,
+        what,
+    ) {
+        let _ = ret.send(&ReturnRepr::Error {
+            code: wire::ErrorCode::Handshake,
+            detail: 0,
+        });
+        return Err(e);
+    }
     let theirs = Hello::parse(&buf[..HEADER_LEN + rest]);
     let resume = theirs.as_ref().map(|h| h.resume).unwrap_or(0);
     // We serve any number of channels the source opens, up to the wire's
@@ -721,13 +770,21 @@ pub enum ReturnPathEnd {
     Ended,
 }
 
+/// Return-path records the source's reader queues before it stops reading
+/// until the migration takes some (the destination then waits on its
+/// socket): the bound on what a flood can cost the source.
+pub const RETURN_QUEUE: usize = 4096;
+
 /// Starts a thread that reads the return path on `conn` and forwards each
-/// record; it ends when the connection does.
+/// record (at most [`RETURN_QUEUE`] waiting); it ends when the connection
+/// does.
 pub fn spawn_return_reader(
     mut conn: Conn,
     mut dec: ReturnDecoder,
 ) -> (mpsc::Receiver<ReturnMsg>, JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel();
+    // Bounded: a destination that floods the return path fills this queue
+    // and then waits on its socket, instead of growing this side's heap.
+    let (tx, rx) = mpsc::sync_channel(RETURN_QUEUE);
     let h = std::thread::Builder::new()
         .name("ferry-return".into())
         .spawn(move || loop {
@@ -756,7 +813,7 @@ pub fn spawn_return_reader(
         Ok(h) => (rx, h),
         Err(e) => {
             // No thread: hand back a receiver that reports why at once.
-            let (tx, rx) = mpsc::channel();
+            let (tx, rx) = mpsc::sync_channel(1);
             let _ = tx.send(ReturnMsg::Closed(ReturnPathEnd::NoReader(e)));
             (rx, std::thread::spawn(|| {}))
         }

@@ -991,6 +991,18 @@ impl PageInstaller {
         Ok(mapped)
     }
 
+    /// Before a resume: forgets the claims of receivers that ended with the
+    /// broken connection, so that a page one of them claimed and never
+    /// completed can be written by the next (only a received page stays
+    /// claimed). No receiver may run meanwhile.
+    pub fn reset_claims(&self) {
+        for (c, r) in self.claimed.iter().zip(&self.received) {
+            for (a, b) in c.iter().zip(r) {
+                a.store(b.load(Ordering::Acquire), Ordering::Release);
+            }
+        }
+    }
+
     /// Lets receivers waiting for the switchover give up.
     pub fn abort(&self) {
         let mut a = self.arm.lock().unwrap_or_else(PoisonError::into_inner);

@@ -29,8 +29,13 @@
 //! case's. `handover.rs` plays hostile peers at each wait of the handover
 //! (silent peers, a stalled destination, go before ready, a replayed hello, a
 //! page run just past the end, a section flood past the cap); this file
-//! covers the rest. Cases marked `#[ignore = "bug: ..."]` assert the correct
-//! behaviour and fail today: run them with `--ignored`.
+//! covers the rest. The suite found eleven bugs, each fixed with its case
+//! as the regression test: handshake bounds that a trickling peer could
+//! stretch, cut-short handshakes reported as I/O errors, a resend flood that
+//! held a paused guest past the ready bound, an unbounded return-path queue,
+//! a bulk failure the source was never told about, refused records answered
+//! as I/O errors, a false error after the idle bound fired, and a limit
+//! message that blamed the wrong side.
 
 use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
 use std::cell::Cell;
@@ -1233,12 +1238,11 @@ fn a_hello_cut_short_then_silence_ends_within_the_handshake_bound() {
 }
 
 /// As above, but the error must say what happened: the hello did not come
-/// within the handshake bound. Today the cut-short payload is read with the
+/// within the handshake bound. Before its fix the cut-short payload is read with the
 /// socket's receive timeout and its expiry is reported as an I/O failure
 /// ("Resource temporarily unavailable (os error 11)"), unlike a missing
 /// header, which is reported as `LinkError::Timeout`.
 #[test]
-#[ignore = "bug: a hello cut short in its payload ends as LinkError::Io with EAGAIN ('Resource temporarily unavailable'), not LinkError::Timeout (link.rs destination_handshake, the second read_exact)"]
 fn a_hello_cut_short_is_reported_as_a_timeout() {
     let _one = serial();
     let case = "a hello cut short";
@@ -1265,7 +1269,6 @@ fn a_hello_cut_short_is_reported_as_a_timeout() {
 /// bound: the destination must give up at that bound, not when the peer
 /// stops.
 #[test]
-#[ignore = "bug: the handshake bound is a per-read socket timeout, so a hello trickled a byte at a time keeps the destination waiting past it without bound (link.rs destination_handshake, read_exact under SO_RCVTIMEO)"]
 fn a_hello_trickled_a_byte_at_a_time_ends_within_the_handshake_bound() {
     let _one = serial();
     let case = "a trickled hello";
@@ -1442,9 +1445,9 @@ fn control_records_out_of_order_are_refused() {
         });
         let e = destination_refused(case, &got, &guest, PROMPT, |_| false);
         check(case, e);
-        // The source is told why only when the control thread refused the
-        // record itself today: see a_bulk_channel_failure_still_tells_the_source_why
-        // and a_refused_control_record_is_answered_as_a_protocol_error.
+        // The control thread's refusals are checked here; a bulk receiver's
+        // in a_bulk_channel_failure_still_tells_the_source_why, the codes in
+        // a_refused_control_record_is_answered_as_a_protocol_error.
         if matches!(e.kind, DestinationErrorKind::Session(_)) {
             assert_eq!(
                 error_code(&got.peer),
@@ -1728,14 +1731,13 @@ fn a_torn_page_flood_from_a_source_that_never_reads_ends_within_the_idle_bound()
 }
 
 /// The torn-page flood again, six times: the error must always be the idle
-/// timeout. Today, when the watchdog has fired, a receiver still drains
+/// timeout. Before its fix, when the watchdog has fired, a receiver still drains
 /// records already buffered in its socket and touches the activity clock;
 /// the control thread then feeds that clock to the session, which finds no
 /// bound passed, and the destination reports `Refused { state: "receiving" }`:
 /// "the migration had already completed here when the receiving refused
 /// another record", which is false (about half the runs).
 #[test]
-#[ignore = "bug: after the idle watchdog fired, late activity from a receiver draining buffered records makes the session find no timeout, and the error becomes Refused { state: \"receiving\" }, 'the migration had already completed here' (destination/control.rs next_record, the watch.fired() branch)"]
 fn a_record_drained_after_the_idle_bound_fired_still_reports_the_timeout() {
     let _one = serial();
     for run in 0..6 {
@@ -2178,12 +2180,11 @@ fn an_accept_with_hostile_limits_fails_the_source_with_the_guest_running() {
     }
 }
 
-/// As above, but the message must say which limit and whose: today
+/// As above, but the message must say which limit and whose: before its fix
 /// `Failure::OverLimit` reads "the peer asked for more than its limits
 /// allow" on the source too, where it is this side that asked for more than
 /// the peer's limit (channels or device-state bytes), and names neither.
 #[test]
-#[ignore = "bug: on the source, an accept whose limits it cannot meet ends as 'the peer asked for more than its limits allow': the wrong side, and no limit named (core/src/session/mod.rs Failure::OverLimit Display, used by SourceSession::handle_return and check_device_bytes)"]
 fn an_accept_with_hostile_limits_names_the_limit() {
     let _one = serial();
     for (case, channels, device, what) in [
@@ -2456,10 +2457,9 @@ fn a_flood_of_page_requests_fails_the_source_at_the_first() {
 /// which a precopy source serves none of, while the source is busy with its
 /// first round. The source must fail on the first request, with its guest
 /// running and its RAM untouched, and its heap must not grow with the
-/// flood. Today the return-path reader has queued the whole flood by the
+/// flood. Before its fix the return-path reader has queued the whole flood by the
 /// time the source looks at the first request.
 #[test]
-#[ignore = "bug: the source's return-path reader queues every record in an unbounded channel drained only between rounds, so its heap grows with a destination's flood (link.rs spawn_return_reader, mpsc::channel)"]
 fn a_flood_of_valid_page_requests_in_precopy_fails_the_source_in_bounded_memory() {
     let _one = serial();
     let case = "page requests inside guest RAM, in precopy";
@@ -2522,10 +2522,9 @@ fn an_accept_cut_short_then_silence_ends_within_the_handshake_bound() {
 }
 
 /// As above, but the error must say that the answer did not come within the
-/// handshake bound; today the socket timeout's expiry is reported as an I/O
+/// handshake bound; before its fix the socket timeout's expiry is reported as an I/O
 /// failure ("Resource temporarily unavailable (os error 11)").
 #[test]
-#[ignore = "bug: a destination silent after half an accept ends the source with LinkError::Io and EAGAIN ('Resource temporarily unavailable'), not LinkError::Timeout (link.rs source_handshake)"]
 fn an_accept_cut_short_is_reported_as_a_timeout() {
     let _one = serial();
     let src = Guest::new(RAM, source_fill);
@@ -2548,7 +2547,6 @@ fn an_accept_cut_short_is_reported_as_a_timeout() {
 /// most five seconds, then closes). The source must give up at the
 /// handshake bound, not when the trickle ends.
 #[test]
-#[ignore = "bug: the source's handshake bound is a per-read socket timeout, so an accept trickled a byte at a time keeps it waiting past the bound (link.rs source_handshake -> read_return, read_exact under SO_RCVTIMEO)"]
 fn an_accept_trickled_a_byte_at_a_time_ends_within_the_handshake_bound() {
     let _one = serial();
     let case = "a trickled accept";
@@ -2572,7 +2570,6 @@ fn an_accept_trickled_a_byte_at_a_time_ends_within_the_handshake_bound() {
 /// source sends back). The source must resume its guest within the ready
 /// bound, however busy the flood keeps it.
 #[test]
-#[ignore = "bug: the source checks the ready deadline only when no return-path record is queued, so a flood of valid resend requests keeps the guest paused past the ready bound for as long as it lasts (source/mod.rs next_return)"]
 fn a_resend_flood_cannot_hold_the_guest_past_the_ready_bound() {
     let _one = serial();
     let case = "a resend flood instead of ready";
@@ -2628,7 +2625,6 @@ fn a_resend_flood_cannot_hold_the_guest_past_the_ready_bound() {
 /// peer within its bound, its guest never paused, and its heap must not grow
 /// with the flood: the return path may not be queued without bound.
 #[test]
-#[ignore = "bug: the source's return-path reader queues every record in an unbounded channel that is drained only between rounds, so a destination's flood grows the source's heap with the flood (link.rs spawn_return_reader, mpsc::channel)"]
 fn a_resend_flood_while_the_destination_stalls_stays_in_bounded_memory() {
     let _one = serial();
     let case = "a resend flood from a stalled destination";
@@ -2675,12 +2671,11 @@ fn a_resend_flood_while_the_destination_stalls_stays_in_bounded_memory() {
 /// A bulk receiver that refuses a record must still tell the source why
 /// (an error record on the return path, as the control thread does) before
 /// the connections close: a protocol error, or out of range for pages
-/// outside the layout. Today the failing receiver shuts every socket down
+/// outside the layout. Before its fix the failing receiver shuts every socket down
 /// at once to wake the other threads, the control socket included, so the
 /// error record the destination then sends cannot leave, and the source
 /// sees only a connection closed without a reason.
 #[test]
-#[ignore = "bug: on a bulk receiver's failure the destination shuts the control socket down (Wakers::all in bulk_thread's caller) before Ends::wind_down sends the error record, so the source is never told why (destination/mod.rs receive_inner)"]
 fn a_bulk_channel_failure_still_tells_the_source_why() {
     let _one = serial();
     let run = |kind| Raw {
@@ -2730,10 +2725,9 @@ fn a_bulk_channel_failure_still_tells_the_source_why() {
 
 /// A record the control thread's transport refuses (its header decoded and
 /// was found hostile) must be answered as what it is, a protocol error
-/// (code 1). Today it is answered with code 5, "an I/O error occurred on the
+/// (code 1). Before its fix it is answered with code 5, "an I/O error occurred on the
 /// destination", which sends the source's operator to look at the network.
 #[test]
-#[ignore = "bug: a record refused by the decoder (DestinationErrorKind::Transport { source: Refused }) is answered with ErrorCode::Io, not ErrorCode::Protocol (destination/mod.rs DestinationErrorKind::code)"]
 fn a_refused_control_record_is_answered_as_a_protocol_error() {
     let _one = serial();
     for (case, raw) in [

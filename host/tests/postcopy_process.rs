@@ -611,11 +611,42 @@ fn postcopy_negotiated_but_not_asked_stays_precopy() {
 /// connection breaks during its handshake (a second failure), both sides
 /// hold again, and a second resume completes. With `wrong_session`, a resume
 /// naming another session is refused first and changes nothing.
-fn recovery_scenario(fail_first: bool, wrong_session: bool) {
+fn recovery_scenario(fail_first: bool, wrong_session: bool, memfd: bool) {
     let size = 32 * MIB;
     let pages = size / PAGE_SIZE;
     let src_mem = memory(size);
-    let dst_mem = memory(size);
+    let dst_mem = if memfd {
+        let opts = MemoryOptions {
+            backing: ferry_host::memory::Backing::Memfd,
+            ..MemoryOptions::default()
+        };
+        MappedMemory::with_size(size, 1 << 30, opts).unwrap()
+    } else {
+        memory(size)
+    };
+    let seconds: Vec<_> = if memfd {
+        dst_mem
+            .regions()
+            .iter()
+            .map(|r| r.map_second().unwrap())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let parts: Vec<_> = seconds
+        .iter()
+        .zip(dst_mem.regions())
+        .map(|(m, r)| {
+            (
+                r.gpa(),
+                std::ptr::NonNull::new(m.as_ptr()).unwrap(),
+                m.len() as u64,
+            )
+        })
+        .collect();
+    // SAFETY: the second mappings live until the end of the test.
+    let second_ram = unsafe { Ram::from_raw(&parts) };
+    let second = memfd.then_some(&second_ram);
     fill(&src_mem);
     let listener = Listener::bind(&"127.0.0.1:0".parse().unwrap()).unwrap();
     let Endpoint::Tcp(target) = listener.local_endpoint().unwrap() else {
@@ -643,7 +674,12 @@ fn recovery_scenario(fail_first: bool, wrong_session: bool) {
     let mut dconfig = postcopy_dest(transport);
     dconfig.timeouts.handshake = Duration::from_secs(5).as_nanos() as u64;
     let (src, dst) = thread::scope(|s| {
-        let dst = s.spawn(|| destination::receive_with(&listener, &dst_ram, &mut reader, &dconfig));
+        let dst = s.spawn(|| match second {
+            Some(second) => {
+                destination::receive_in_place(&listener, &dst_ram, second, &mut reader, &dconfig)
+            }
+            None => destination::receive_with(&listener, &dst_ram, &mut reader, &dconfig),
+        });
         s.spawn(|| {
             while !started.load(Ordering::Acquire) {
                 thread::sleep(Duration::from_millis(5));
@@ -717,7 +753,7 @@ fn recovery_scenario(fail_first: bool, wrong_session: bool) {
                 destination::resume_postcopy(
                     &listener,
                     &dst_ram,
-                    None,
+                    second,
                     &dhold,
                     &mut reader,
                     &dconfig,
@@ -747,7 +783,7 @@ fn recovery_scenario(fail_first: bool, wrong_session: bool) {
                 destination::resume_postcopy(
                     &listener,
                     &dst_ram,
-                    None,
+                    second,
                     &dhold,
                     &mut reader,
                     &dconfig,
@@ -768,7 +804,7 @@ fn recovery_scenario(fail_first: bool, wrong_session: bool) {
     }
     let (s_ok, d_ok) = thread::scope(|s| {
         let d = s.spawn(|| {
-            destination::resume_postcopy(&listener, &dst_ram, None, &dhold, &mut reader, &dconfig)
+            destination::resume_postcopy(&listener, &dst_ram, second, &dhold, &mut reader, &dconfig)
         });
         let r = source::resume_postcopy(&src_ram, &config, &link, &shold, &mut |_| {});
         (r, d.join().unwrap())
@@ -803,15 +839,25 @@ fn recovery_scenario(fail_first: bool, wrong_session: bool) {
 
 #[test]
 fn postcopy_recovery_plain_completes_after_a_cut() {
-    recovery_scenario(false, false);
+    recovery_scenario(false, false, false);
 }
 
 #[test]
 fn postcopy_recovery_survives_a_second_failure_in_its_handshake() {
-    recovery_scenario(true, false);
+    recovery_scenario(true, false, false);
 }
 
 #[test]
 fn postcopy_recovery_refuses_another_session_and_keeps_the_hold() {
-    recovery_scenario(false, true);
+    recovery_scenario(false, true, false);
+}
+
+#[test]
+fn postcopy_recovery_into_memfd_ram_completes_after_a_cut() {
+    recovery_scenario(false, false, true);
+}
+
+#[test]
+fn postcopy_recovery_into_memfd_ram_survives_a_second_failure() {
+    recovery_scenario(true, false, true);
 }

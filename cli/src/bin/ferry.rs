@@ -84,6 +84,12 @@ struct GuestArgs {
     /// page one by one, so the downtime does not grow with the guest.
     #[arg(long)]
     memfd: bool,
+    /// With `--postcopy`, keep the destination's guest RAM anonymous:
+    /// pages go in with UFFDIO_COPY, and the switchover drops every page
+    /// that changed since it was sent, one by one (the baseline of
+    /// `migrate_bench --postcopy`).
+    #[arg(long, conflicts_with = "memfd")]
+    anonymous: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -644,6 +650,8 @@ fn demo(a: DemoArgs) -> Result<ExitCode, BoxError> {
         ])
         .args(if a.guest.memfd {
             &["--memfd"][..]
+        } else if a.guest.anonymous {
+            &["--anonymous"][..]
         } else {
             &[][..]
         })
@@ -1035,7 +1043,7 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
     // With postcopy, guest RAM is memfd-backed: pages are received in
     // place and the switchover costs the same whatever the guest's size.
     let guest = GuestArgs {
-        memfd: a.guest.memfd || a.postcopy,
+        memfd: a.guest.memfd || (a.postcopy && !a.guest.anonymous),
         ..a.guest.clone()
     };
     let vm = Vm::new_incoming(VmConfig {

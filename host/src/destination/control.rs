@@ -149,9 +149,18 @@ impl<S: GuestStarter> Control<'_, '_, '_, S> {
         let got = match self.ctl.recv(&mut self.dec, &mut self.buf) {
             Ok(Some(g)) => g,
             Ok(None) | Err(_) if self.watch.fired() => {
-                // The watchdog woke us: the session says which wait ran out.
-                self.session.note_activity(self.watch.activity());
-                self.session.handle_timeout(monotonic_ns());
+                // The watchdog woke us: the session says which wait ran
+                // out, judged as the watchdog saw it when it fired (a
+                // receiver may have noted activity since, draining what it
+                // had buffered).
+                let (at, seen) = self.watch.fire_point();
+                self.session.note_activity(seen);
+                self.session.handle_timeout(at);
+                if !self.session.is_ended() {
+                    // A record noted after the watchdog fired: the wait
+                    // was over all the same.
+                    self.session.handle_timeout(u64::MAX);
+                }
                 return Err(session_failed(&self.session));
             }
             // A bulk receiver failed and shut the sockets: its cause counts.

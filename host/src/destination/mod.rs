@@ -319,11 +319,21 @@ impl DestinationErrorKind {
     fn code(&self) -> ErrorCode {
         match self {
             DestinationErrorKind::Link(_) => ErrorCode::Handshake,
+            // The stream itself was at fault, not the transport.
+            DestinationErrorKind::Transport {
+                source:
+                    ferry_uring::Error::Refused { .. } | ferry_uring::Error::BufferTooSmall { .. },
+                ..
+            } => ErrorCode::Protocol,
+            DestinationErrorKind::Transport {
+                source: ferry_uring::Error::OutOfRange { .. },
+                ..
+            }
+            | DestinationErrorKind::OutOfRange { .. } => ErrorCode::OutOfRange,
             DestinationErrorKind::Transport { .. } | DestinationErrorKind::Truncated(_) => {
                 ErrorCode::Io
             }
             DestinationErrorKind::Unexpected { .. }
-            | DestinationErrorKind::OutOfRange { .. }
             | DestinationErrorKind::Decode { .. }
             | DestinationErrorKind::PostcopyNotNegotiated
             | DestinationErrorKind::Refused { .. }
@@ -1203,9 +1213,16 @@ struct Watch {
     /// The last time bytes arrived on any channel.
     activity: AtomicU64,
     fired: AtomicBool,
+    /// When it fired, and the activity it had seen then: what the session
+    /// judges the wait by (a receiver may still note activity afterwards,
+    /// draining what it had buffered).
+    fired_at: AtomicU64,
+    activity_at_fire: AtomicU64,
     done: AtomicBool,
     /// A bulk receiver failed: the control thread must stop and say why.
     bulk_failed: AtomicBool,
+    /// The source was sent the error record already.
+    told: AtomicBool,
 }
 
 impl Watch {
@@ -1215,9 +1232,20 @@ impl Watch {
             idle_ns: AtomicU64::new(0),
             activity: AtomicU64::new(now),
             fired: AtomicBool::new(false),
+            fired_at: AtomicU64::new(0),
+            activity_at_fire: AtomicU64::new(now),
             done: AtomicBool::new(false),
             bulk_failed: AtomicBool::new(false),
+            told: AtomicBool::new(false),
         }
+    }
+
+    /// When the watchdog fired and the activity it had seen then.
+    fn fire_point(&self) -> (u64, u64) {
+        (
+            self.fired_at.load(Ordering::Acquire),
+            self.activity_at_fire.load(Ordering::Acquire),
+        )
     }
 
     fn touch(&self, now: u64) {
@@ -1255,10 +1283,14 @@ impl Watch {
             std::thread::sleep(Duration::from_millis(50));
             let mut deadline = self.deadline.load(Ordering::Acquire);
             let idle = self.idle_ns.load(Ordering::Relaxed);
+            let seen = self.activity();
             if idle > 0 {
-                deadline = deadline.max(self.activity().saturating_add(idle));
+                deadline = deadline.max(seen.saturating_add(idle));
             }
-            if monotonic_ns() >= deadline {
+            let now = monotonic_ns();
+            if now >= deadline {
+                self.fired_at.store(now, Ordering::Release);
+                self.activity_at_fire.store(seen, Ordering::Release);
                 self.fired.store(true, Ordering::Release);
                 wakers.all();
                 return;
@@ -1528,7 +1560,12 @@ fn receive_inner<S: GuestStarter>(
     let second = second.filter(|_| neg.caps.postcopy_ram);
     let chans = open_channels(listener, ram, second, config, &neg, &ctl_conn)?;
     let inst = match resume {
-        Some(h) => Some(h.installer.clone()),
+        Some(h) => {
+            // The receivers of the broken connection are gone; a page one
+            // of them claimed and never completed is anyone's again.
+            h.installer.reset_claims();
+            Some(h.installer.clone())
+        }
         None => neg.caps.postcopy_ram.then(|| {
             Arc::new(match second {
                 Some(second) => PageInstaller::new_in_place(ram, second),
@@ -1568,7 +1605,15 @@ fn receive_inner<S: GuestStarter>(
             let (notes, wakers) = (notes_tx.clone(), &wakers);
             handles.push(scope.spawn(move || {
                 let r = bulk_thread(i, chan, ram, neg, torn, ret, inst, &notes, watch);
-                if r.is_err() {
+                if let Err(e) = &r {
+                    // The source learns why before the sockets close (the
+                    // first failure only; the others saw their sockets shut).
+                    if !watch.fired() && !watch.told.swap(true, Ordering::AcqRel) {
+                        let _ = ret.send(&ReturnRepr::Error {
+                            code: e.code(),
+                            detail: 0,
+                        });
+                    }
                     // The control thread learns at once, not at the end
                     // of the stream, and every other receiver stops.
                     let _ = notes.send(BulkNote::Failed);
@@ -1651,10 +1696,12 @@ impl Ends<'_> {
         urgent: Option<std::thread::ScopedJoinHandle<'_, Result<RecvStats, DestinationErrorKind>>>,
     ) -> Result<DestinationReport, DestinationErrorKind> {
         if let Err(kind) = &result {
-            let _ = self.ret.send(&ReturnRepr::Error {
-                code: kind.code(),
-                detail: 0,
-            });
+            if !self.watch.told.swap(true, Ordering::AcqRel) {
+                let _ = self.ret.send(&ReturnRepr::Error {
+                    code: kind.code(),
+                    detail: 0,
+                });
+            }
             *error_sent = true;
         }
         self.watch.done.store(true, Ordering::Release);

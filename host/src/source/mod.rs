@@ -790,7 +790,19 @@ impl<'r, 'm> Source<'r, 'm> {
                 }
             };
             let now = self.elapsed_ns();
-            if queued.is_none() {
+            // A record that settles the wait counts if it arrived; anything
+            // else (a resend, a flood of them) does not hold the deadline off.
+            let settles = matches!(
+                queued,
+                Some(ReturnMsg::Closed(_))
+                    | Some(ReturnMsg::Record(
+                        ReturnRepr::Ready
+                            | ReturnRepr::Started
+                            | ReturnRepr::Error { .. }
+                            | ReturnRepr::Accept { .. }
+                    ))
+            );
+            if !settles {
                 self.session.handle_timeout(now);
                 if let Some(e) = self.session.failure() {
                     return Err(self.session_error(e));
