@@ -216,7 +216,9 @@ impl fmt::Display for Failure {
                 f,
                 "the peer sent a record of kind {kind:#04x}, which is not allowed in state {state}"
             ),
-            Failure::OverLimit => f.write_str("the peer asked for more than its limits allow"),
+            Failure::OverLimit => f.write_str(
+                "the channels or device-state bytes asked for exceed the limits the destination stated",
+            ),
             Failure::Incomplete => f.write_str("the stream ended with pages or sections missing"),
             Failure::Local => f.write_str("this side failed"),
             Failure::Cancelled => f.write_str("the migration was cancelled"),
