@@ -226,6 +226,14 @@ impl SecondMapping {
     pub fn is_empty(&self) -> bool {
         self.map.len == 0
     }
+
+    /// Allocates every page of the memfd through this mapping, as a
+    /// destination pre-allocates its guest RAM: received pages then land in
+    /// memory that exists, and the guest's own mapping still maps none of
+    /// them (its first touch is a minor fault, which postcopy relies on).
+    pub fn populate(&self) -> Result<(), MemoryError> {
+        self.map.populate(0, false)
+    }
 }
 
 /// One contiguous region of guest physical memory and its host mapping.
@@ -327,26 +335,30 @@ impl MappedRegion {
     /// do not fault. Uses `MADV_POPULATE_WRITE` in 64 MiB steps; on kernels without it,
     /// touches every page instead.
     pub fn populate(&self) -> Result<(), MemoryError> {
+        self.map.populate(self.id, self.hugetlb)
+    }
+}
+
+impl Mapping {
+    /// Prefaults the mapping writable (see [`MappedRegion::populate`]); `id` names the
+    /// region in errors.
+    fn populate(&self, id: u32, hugetlb: bool) -> Result<(), MemoryError> {
         const STEP: usize = 64 << 20;
         let mut off = 0usize;
-        while off < self.map.len {
-            let len = STEP.min(self.map.len - off);
-            // SAFETY: `off + len <= map.len`, so the range is inside our mapping. POPULATE
+        while off < self.len {
+            let len = STEP.min(self.len - off);
+            // SAFETY: `off + len <= len`, so the range is inside our mapping. POPULATE
             // only faults pages in; it does not change their contents.
             let rc = unsafe {
-                libc::madvise(
-                    self.map.ptr.as_ptr().add(off).cast(),
-                    len,
-                    MADV_POPULATE_WRITE,
-                )
+                libc::madvise(self.ptr.as_ptr().add(off).cast(), len, MADV_POPULATE_WRITE)
             };
             if rc != 0 {
                 let err = std::io::Error::last_os_error();
                 if err.raw_os_error() == Some(libc::EINVAL) {
-                    self.touch(off, len);
+                    self.touch(off, len, hugetlb);
                 } else {
                     return Err(MemoryError::Populate {
-                        id: self.id,
+                        id,
                         offset: off as u64,
                         source: err,
                     });
@@ -358,18 +370,14 @@ impl MappedRegion {
     }
 
     /// Fallback populate: read and write back one byte per page.
-    fn touch(&self, off: usize, len: usize) {
-        let step = if self.hugetlb {
-            HUGE_PAGE_SIZE
-        } else {
-            PAGE_SIZE
-        };
+    fn touch(&self, off: usize, len: usize, hugetlb: bool) {
+        let step = if hugetlb { HUGE_PAGE_SIZE } else { PAGE_SIZE };
         let mut o = off;
         while o < off + len {
-            // SAFETY: `o < map.len`; a volatile read and write-back of the same byte keeps
+            // SAFETY: `o < len`; a volatile read and write-back of the same byte keeps
             // the contents (this runs before the memory is handed to a guest or transfer).
             unsafe {
-                let p = self.map.ptr.as_ptr().add(o);
+                let p = self.ptr.as_ptr().add(o);
                 std::ptr::write_volatile(p, std::ptr::read_volatile(p));
             }
             o += step;

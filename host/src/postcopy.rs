@@ -445,6 +445,10 @@ pub struct DestinationPostcopyReport {
     /// (each fault blocks the vCPU that touched the page), nanoseconds.
     #[cfg_attr(feature = "serde", serde(default))]
     pub blocked_ns: u64,
+    /// In place (memfd): faults on pages that were here but not mapped
+    /// yet, each served by mapping its block (no request to the source).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub minor_faults: u64,
     /// From *go* to the last page (and section) arriving, nanoseconds.
     pub postcopy_ns: u64,
     /// Pages installed from urgent replies (fetched on demand).
@@ -526,6 +530,8 @@ pub struct PageInstaller {
     faults: AtomicU64,
     /// Sum of the fault latencies: the time vCPUs spent blocked.
     blocked_ns: AtomicU64,
+    /// In place: faults on pages that were here, only not mapped yet.
+    minor_faults: AtomicU64,
     on_demand: AtomicU64,
     streamed: AtomicU64,
     missing_at_arm: AtomicU64,
@@ -569,6 +575,7 @@ impl PageInstaller {
             latency: Mutex::new(latency),
             faults: AtomicU64::new(0),
             blocked_ns: AtomicU64::new(0),
+            minor_faults: AtomicU64::new(0),
             on_demand: AtomicU64::new(0),
             streamed: AtomicU64::new(0),
             missing_at_arm: AtomicU64::new(0),
@@ -963,7 +970,8 @@ impl PageInstaller {
     /// into the guest's mapping, in runs (a page a fault mapped first is
     /// left alone), so that the guest soon stops taking a minor fault on
     /// each first touch. Meant for a thread of its own while the guest
-    /// runs; returns the pages it mapped. Anonymous RAM needs none of it.
+    /// runs; returns the received pages it went over (those a fault mapped
+    /// first are left as they are). Anonymous RAM needs none of it.
     pub fn map_received(&self) -> Result<u64, PostcopyError> {
         let (Some(_), Some(uffd)) = (self.second.as_ref(), self.armed_uffd.get()) else {
             return Ok(0);
@@ -1101,14 +1109,40 @@ impl PageInstaller {
         // Installed while the fault was queued: make sure it is awake (and,
         // in place, mapped: a page in the cache but not mapped faults too).
         if let Some(uffd) = self.armed_uffd.get() {
-            let base = self.host(region, page, 1)?;
             if self.second.is_some() {
-                uffd.continue_range(base, PAGE_SIZE as usize)?;
+                self.minor_faults.fetch_add(1, Ordering::Relaxed);
+                self.map_block_around(uffd, region, page)?;
             } else {
-                uffd.wake(base, PAGE_SIZE as usize)?;
+                uffd.wake(self.host(region, page, 1)?, PAGE_SIZE as usize)?;
             }
         }
         Ok(None)
+    }
+
+    /// In place: a minor fault on a received page maps every received page
+    /// of its aligned block of [`FAULT_AROUND_PAGES`] with it, so that a
+    /// guest touching its memory at random soon stops faulting (one fault
+    /// per block instead of one per page) while `map_received` catches up.
+    fn map_block_around(&self, uffd: &Uffd, region: u16, page: u64) -> Result<(), PostcopyError> {
+        let pages = self.regions.get(usize::from(region)).map_or(0, |&(_, n)| n);
+        let start = page - page % FAULT_AROUND_PAGES;
+        let end = (start + FAULT_AROUND_PAGES).min(pages);
+        let mut p = start;
+        while p < end {
+            if !self.has(region, p) {
+                p += 1;
+                continue;
+            }
+            let first = p;
+            while p < end && self.has(region, p) {
+                p += 1;
+            }
+            uffd.continue_range(
+                self.host(region, first, p - first)?,
+                ((p - first) * PAGE_SIZE) as usize,
+            )?;
+        }
+        Ok(())
     }
 
     /// The armed userfaultfd, if postcopy started.
@@ -1134,6 +1168,7 @@ impl PageInstaller {
             fault_latency: lat.as_ref().map(LatencySummary::of).unwrap_or_default(),
             fault_latency_buckets_us: lat.as_ref().map(latency_buckets_us).unwrap_or_default(),
             blocked_ns: self.blocked_ns.load(Ordering::Relaxed),
+            minor_faults: self.minor_faults.load(Ordering::Relaxed),
             postcopy_ns: 0,
             pages_on_demand: self.on_demand.load(Ordering::Relaxed),
             pages_streamed: self.streamed.load(Ordering::Relaxed),
@@ -1146,6 +1181,10 @@ impl PageInstaller {
         }
     }
 }
+
+/// In place, the pages a minor fault on a received page maps with it: its
+/// aligned block (256 KiB).
+pub const FAULT_AROUND_PAGES: u64 = 64;
 
 /// Nice value of the threads on a fault's path (fault service, urgent
 /// receiver, the source's request server): ahead of the bulk stream on a

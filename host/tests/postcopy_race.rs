@@ -200,9 +200,39 @@ fn in_place_claims_keep_late_copies_off_a_page_the_guest_wrote() {
     inst.arm(Uffd::new_minor().unwrap()).unwrap();
     let uffd = inst.uffd().unwrap();
     let base = region.host_ptr() as usize;
-    // Arming maps nothing (the downtime stays short); the mapper, which
-    // runs while the guest does, maps every page received, and page 7
-    // only once it arrives.
+    // Arming maps nothing (the downtime stays short). A first touch of a
+    // received page is a minor fault, which maps the received pages of its
+    // 64-page block: the touch of page 70 maps 64..128, so page 100 then
+    // reads without a fault.
+    let touch = |p: u64| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            // SAFETY: inside the guest mapping.
+            let v =
+                unsafe { std::ptr::read_volatile((base + (p * PAGE_SIZE) as usize) as *const u8) };
+            let _ = tx.send(v);
+        });
+        rx
+    };
+    let r70 = touch(70);
+    let addr = next_fault(&uffd);
+    assert_eq!(
+        inst.on_fault(addr).unwrap(),
+        None,
+        "a received page is not asked for"
+    );
+    assert_eq!(
+        r70.recv_timeout(Duration::from_secs(5)).unwrap(),
+        page_bytes(70)[0]
+    );
+    assert_eq!(
+        touch(100).recv_timeout(Duration::from_secs(5)).unwrap(),
+        page_bytes(100)[0],
+        "mapped with its block"
+    );
+    // The mapper, which runs while the guest does, maps every page
+    // received (those of the block were mapped already), and page 7 only
+    // once it arrives.
     assert_eq!(inst.map_received().unwrap(), pages - 1);
     // Received pages are mapped now: reading one does not fault.
     // SAFETY: inside the guest mapping.

@@ -891,9 +891,10 @@ fn print_report(r: &DemoReport, json: bool) -> Result<(), BoxError> {
         )?;
         writeln!(
             out,
-            "  fault latency    {} (µs, power-of-two buckets); vCPUs blocked {:.1} ms in all",
+            "  fault latency    {} (µs, power-of-two buckets); vCPUs blocked {:.1} ms in all; {} minor faults (pages here, mapped on first touch)",
             latency_buckets_text(&p.fault_latency_buckets_us),
-            p.blocked_ns as f64 / 1e6
+            p.blocked_ns as f64 / 1e6,
+            p.minor_faults
         )?;
         writeln!(
             out,
@@ -1050,6 +1051,21 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
         prefault: !a.postcopy,
         ..vm_config(&guest, 0)
     })?;
+    // Postcopy into memfd RAM: pre-allocate it through the second mappings
+    // (as QEMU's destination pre-allocates), so that received pages land in
+    // memory that exists, while the guest's own mapping maps none of them.
+    let seconds = if guest.memfd && a.postcopy {
+        vm.memory()
+            .regions()
+            .iter()
+            .map(|r| r.map_second())
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        Vec::new()
+    };
+    for m in &seconds {
+        m.populate()?;
+    }
     let listener = Listener::bind(&endpoint)?;
     let bound = listener.local_endpoint()?;
     {
@@ -1074,15 +1090,6 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
         postcopy_only_sections: a.postcopy,
         timeouts: protocol_timeouts(a.handover_timeout_s, a.idle_timeout_s),
         ..destination::DestinationConfig::new(a.transport.transport())
-    };
-    let seconds = if guest.memfd && a.postcopy {
-        vm.memory()
-            .regions()
-            .iter()
-            .map(|r| r.map_second())
-            .collect::<Result<Vec<_>, _>>()?
-    } else {
-        Vec::new()
     };
     let parts: Vec<_> = seconds
         .iter()
