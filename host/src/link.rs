@@ -583,45 +583,17 @@ pub fn destination_handshake(
     ret: &ReturnWriter,
     session: &mut DestinationSession,
 ) -> Result<Negotiated, LinkError> {
-    let mut buf = [0u8; MAX_HELLO_LEN];
-    // One bound for the whole hello, however the source spreads its bytes.
-    let bound = Duration::from_nanos(session.timeouts().handshake.max(1));
-    let deadline = Instant::now() + bound;
-    let what = "waiting for the source's hello";
-    let read = read_exact_by(ctl, &mut buf[..HEADER_LEN], deadline, bound, what);
-    if let Err(e) = read {
+    // Every refusal of the hello tells the source why before it returns.
+    let refuse = |e: LinkError| {
         let _ = ret.send(&ReturnRepr::Error {
             code: wire::ErrorCode::Handshake,
             detail: 0,
         });
-        return Err(e);
-    }
-    let mut header = [0u8; HEADER_LEN];
-    header.copy_from_slice(&buf[..HEADER_LEN]);
-    let rest = match Hello::payload_len(&header) {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = ret.send(&ReturnRepr::Error {
-                code: wire::ErrorCode::Handshake,
-                detail: 0,
-            });
-            return Err(LinkError::Handshake(e));
-        }
+        e
     };
-    if let Err(e) = read_exact_by(
-        ctl,
-        &mut buf[HEADER_LEN..HEADER_LEN + rest],
-        deadline,
-        bound,
-        what,
-    ) {
-        let _ = ret.send(&ReturnRepr::Error {
-            code: wire::ErrorCode::Handshake,
-            detail: 0,
-        });
-        return Err(e);
-    }
-    let theirs = Hello::parse(&buf[..HEADER_LEN + rest]);
+    let mut buf = [0u8; MAX_HELLO_LEN];
+    let len = read_hello(ctl, &mut buf, session.timeouts().handshake).map_err(refuse)?;
+    let theirs = Hello::parse(&buf[..len]);
     let resume = theirs.as_ref().map(|h| h.resume).unwrap_or(0);
     // We serve any number of channels the source opens, up to the wire's
     // limit: take its count as ours.
@@ -637,13 +609,7 @@ pub fn destination_handshake(
     });
     let now = crate::migration::monotonic_ns();
     match neg {
-        Ok(neg) if !neg.caps.payload_checksums => {
-            let _ = ret.send(&ReturnRepr::Error {
-                code: wire::ErrorCode::Handshake,
-                detail: 0,
-            });
-            Err(LinkError::ChecksumsRequired)
-        }
+        Ok(neg) if !neg.caps.payload_checksums => Err(refuse(LinkError::ChecksumsRequired)),
         Ok(neg) => {
             let accepted = if resume != 0 || session.is_resume() {
                 session.accept_resume(now, neg.caps.channels, resume)
@@ -671,14 +637,33 @@ pub fn destination_handshake(
                 }),
             }
         }
-        Err(e) => {
-            let _ = ret.send(&ReturnRepr::Error {
-                code: wire::ErrorCode::Handshake,
-                detail: 0,
-            });
-            Err(LinkError::Handshake(e))
-        }
+        Err(e) => Err(refuse(LinkError::Handshake(e))),
     }
+}
+
+/// Reads one hello record (header, then the payload its header announces)
+/// into `buf`, all of it within `bound_ns` however the source spreads its
+/// bytes; returns its length.
+fn read_hello(
+    ctl: &mut Conn,
+    buf: &mut [u8; MAX_HELLO_LEN],
+    bound_ns: u64,
+) -> Result<usize, LinkError> {
+    let bound = Duration::from_nanos(bound_ns.max(1));
+    let deadline = Instant::now() + bound;
+    let what = "waiting for the source's hello";
+    read_exact_by(ctl, &mut buf[..HEADER_LEN], deadline, bound, what)?;
+    let mut header = [0u8; HEADER_LEN];
+    header.copy_from_slice(&buf[..HEADER_LEN]);
+    let rest = Hello::payload_len(&header).map_err(LinkError::Handshake)?;
+    read_exact_by(
+        ctl,
+        &mut buf[HEADER_LEN..HEADER_LEN + rest],
+        deadline,
+        bound,
+        what,
+    )?;
+    Ok(HEADER_LEN + rest)
 }
 
 /// Why reading a return-path record failed.

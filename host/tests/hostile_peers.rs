@@ -1238,10 +1238,10 @@ fn a_hello_cut_short_then_silence_ends_within_the_handshake_bound() {
 }
 
 /// As above, but the error must say what happened: the hello did not come
-/// within the handshake bound. Before its fix the cut-short payload is read with the
-/// socket's receive timeout and its expiry is reported as an I/O failure
+/// within the handshake bound. Before its fix the cut-short payload was read with the
+/// socket's receive timeout and its expiry was reported as an I/O failure
 /// ("Resource temporarily unavailable (os error 11)"), unlike a missing
-/// header, which is reported as `LinkError::Timeout`.
+/// header, which was reported as `LinkError::Timeout`.
 #[test]
 fn a_hello_cut_short_is_reported_as_a_timeout() {
     let _one = serial();
@@ -1731,10 +1731,10 @@ fn a_torn_page_flood_from_a_source_that_never_reads_ends_within_the_idle_bound()
 }
 
 /// The torn-page flood again, six times: the error must always be the idle
-/// timeout. Before its fix, when the watchdog has fired, a receiver still drains
-/// records already buffered in its socket and touches the activity clock;
-/// the control thread then feeds that clock to the session, which finds no
-/// bound passed, and the destination reports `Refused { state: "receiving" }`:
+/// timeout. Before its fix, when the watchdog had fired, a receiver still draining
+/// records already buffered in its socket touched the activity clock;
+/// the control thread then fed that clock to the session, which found no
+/// bound passed, and the destination reported `Refused { state: "receiving" }`:
 /// "the migration had already completed here when the receiving refused
 /// another record", which is false (about half the runs).
 #[test]
@@ -2181,7 +2181,7 @@ fn an_accept_with_hostile_limits_fails_the_source_with_the_guest_running() {
 }
 
 /// As above, but the message must say which limit and whose: before its fix
-/// `Failure::OverLimit` reads "the peer asked for more than its limits
+/// `Failure::OverLimit` read "the peer asked for more than its limits
 /// allow" on the source too, where it is this side that asked for more than
 /// the peer's limit (channels or device-state bytes), and names neither.
 #[test]
@@ -2457,7 +2457,7 @@ fn a_flood_of_page_requests_fails_the_source_at_the_first() {
 /// which a precopy source serves none of, while the source is busy with its
 /// first round. The source must fail on the first request, with its guest
 /// running and its RAM untouched, and its heap must not grow with the
-/// flood. Before its fix the return-path reader has queued the whole flood by the
+/// flood. Before its fix the return-path reader had queued the whole flood by the
 /// time the source looks at the first request.
 #[test]
 fn a_flood_of_valid_page_requests_in_precopy_fails_the_source_in_bounded_memory() {
@@ -2522,7 +2522,7 @@ fn an_accept_cut_short_then_silence_ends_within_the_handshake_bound() {
 }
 
 /// As above, but the error must say that the answer did not come within the
-/// handshake bound; before its fix the socket timeout's expiry is reported as an I/O
+/// handshake bound; before its fix the socket timeout's expiry was reported as an I/O
 /// failure ("Resource temporarily unavailable (os error 11)").
 #[test]
 fn an_accept_cut_short_is_reported_as_a_timeout() {
@@ -2671,10 +2671,10 @@ fn a_resend_flood_while_the_destination_stalls_stays_in_bounded_memory() {
 /// A bulk receiver that refuses a record must still tell the source why
 /// (an error record on the return path, as the control thread does) before
 /// the connections close: a protocol error, or out of range for pages
-/// outside the layout. Before its fix the failing receiver shuts every socket down
+/// outside the layout. Before its fix the failing receiver shut every socket down
 /// at once to wake the other threads, the control socket included, so the
-/// error record the destination then sends cannot leave, and the source
-/// sees only a connection closed without a reason.
+/// error record the destination then sent could not leave, and the source
+/// saw only a connection closed without a reason.
 #[test]
 fn a_bulk_channel_failure_still_tells_the_source_why() {
     let _one = serial();
@@ -2725,8 +2725,8 @@ fn a_bulk_channel_failure_still_tells_the_source_why() {
 
 /// A record the control thread's transport refuses (its header decoded and
 /// was found hostile) must be answered as what it is, a protocol error
-/// (code 1). Before its fix it is answered with code 5, "an I/O error occurred on the
-/// destination", which sends the source's operator to look at the network.
+/// (code 1). Before its fix it was answered with code 5, "an I/O error occurred on the
+/// destination", which sent the source's operator to look at the network.
 #[test]
 fn a_refused_control_record_is_answered_as_a_protocol_error() {
     let _one = serial();

@@ -124,31 +124,34 @@ fn run_postcopy(transport: Transport, channels: usize) {
     run_postcopy_into(transport, channels, false);
 }
 
-fn run_postcopy_into(transport: Transport, channels: usize, memfd: bool) {
-    let size = 48 * MIB;
-    let pages = size / PAGE_SIZE;
-    let src_mem = memory(size);
-    let dst_mem = if memfd {
-        let opts = MemoryOptions {
-            backing: ferry_host::memory::Backing::Memfd,
-            ..MemoryOptions::default()
-        };
-        MappedMemory::with_size(size, 1 << 30, opts).unwrap()
-    } else {
-        memory(size)
+/// The destination's guest RAM: anonymous, or memfd-backed with second
+/// mappings (kept alive by the second value) and their (gpa, address,
+/// length) parts for `Ram::from_raw`.
+#[allow(clippy::type_complexity)]
+fn destination_memory(
+    size: u64,
+    memfd: bool,
+) -> (
+    MappedMemory,
+    Vec<ferry_host::memory::SecondMapping>,
+    Vec<(u64, std::ptr::NonNull<u8>, u64)>,
+) {
+    if !memfd {
+        return (memory(size), Vec::new(), Vec::new());
+    }
+    let opts = MemoryOptions {
+        backing: ferry_host::memory::Backing::Memfd,
+        ..MemoryOptions::default()
     };
-    let seconds: Vec<_> = if memfd {
-        dst_mem
-            .regions()
-            .iter()
-            .map(|r| r.map_second().unwrap())
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let parts: Vec<_> = seconds
+    let mem = MappedMemory::with_size(size, 1 << 30, opts).unwrap();
+    let seconds: Vec<_> = mem
+        .regions()
         .iter()
-        .zip(dst_mem.regions())
+        .map(|r| r.map_second().unwrap())
+        .collect();
+    let parts = seconds
+        .iter()
+        .zip(mem.regions())
         .map(|(m, r)| {
             (
                 r.gpa(),
@@ -157,6 +160,14 @@ fn run_postcopy_into(transport: Transport, channels: usize, memfd: bool) {
             )
         })
         .collect();
+    (mem, seconds, parts)
+}
+
+fn run_postcopy_into(transport: Transport, channels: usize, memfd: bool) {
+    let size = 48 * MIB;
+    let pages = size / PAGE_SIZE;
+    let src_mem = memory(size);
+    let (dst_mem, _seconds, parts) = destination_memory(size, memfd);
     // SAFETY: the second mappings live until the end of the test.
     let second_ram = unsafe { Ram::from_raw(&parts) };
     fill(&src_mem);
@@ -615,35 +626,7 @@ fn recovery_scenario(fail_first: bool, wrong_session: bool, memfd: bool) {
     let size = 32 * MIB;
     let pages = size / PAGE_SIZE;
     let src_mem = memory(size);
-    let dst_mem = if memfd {
-        let opts = MemoryOptions {
-            backing: ferry_host::memory::Backing::Memfd,
-            ..MemoryOptions::default()
-        };
-        MappedMemory::with_size(size, 1 << 30, opts).unwrap()
-    } else {
-        memory(size)
-    };
-    let seconds: Vec<_> = if memfd {
-        dst_mem
-            .regions()
-            .iter()
-            .map(|r| r.map_second().unwrap())
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let parts: Vec<_> = seconds
-        .iter()
-        .zip(dst_mem.regions())
-        .map(|(m, r)| {
-            (
-                r.gpa(),
-                std::ptr::NonNull::new(m.as_ptr()).unwrap(),
-                m.len() as u64,
-            )
-        })
-        .collect();
+    let (dst_mem, _seconds, parts) = destination_memory(size, memfd);
     // SAFETY: the second mappings live until the end of the test.
     let second_ram = unsafe { Ram::from_raw(&parts) };
     let second = memfd.then_some(&second_ram);

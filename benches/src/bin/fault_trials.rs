@@ -1315,45 +1315,32 @@ fn main() {
             line.push_str(&format!("{:>10}", m.values().sum::<usize>()));
             let _ = writeln!(out, "{line}");
         };
-        let mut head = format!("  {:<18}", "fault \\ class");
-        for c in [
-            "done",
-            "recovered",
-            "back-src",
-            "held",
-            "kill-src",
-            "kill-dst",
-            "lost",
-            "both",
-            "wrong",
-            "hung",
-            "total",
-        ] {
-            head.push_str(&format!("{c:>10}"));
-        }
-        let _ = writeln!(out, "{head}");
+        let head = |out: &mut std::io::StdoutLock, first: &str| {
+            let mut line = format!("  {first:<18}");
+            for c in [
+                "done",
+                "recovered",
+                "back-src",
+                "held",
+                "kill-src",
+                "kill-dst",
+                "lost",
+                "both",
+                "wrong",
+                "hung",
+                "total",
+            ] {
+                line.push_str(&format!("{c:>10}"));
+            }
+            let _ = writeln!(out, "{line}");
+        };
+        head(&mut out, "fault \\ class");
         for (f, m) in &by_fault {
             row(&mut out, f, m);
         }
         row(&mut out, "all", &by_class);
         let _ = writeln!(out);
-        let mut head = format!("  {:<18}", "phase \\ class");
-        for c in [
-            "done",
-            "recovered",
-            "back-src",
-            "held",
-            "kill-src",
-            "kill-dst",
-            "lost",
-            "both",
-            "wrong",
-            "hung",
-            "total",
-        ] {
-            head.push_str(&format!("{c:>10}"));
-        }
-        let _ = writeln!(out, "{head}");
+        head(&mut out, "phase \\ class");
         for (p, m) in &by_phase {
             row(&mut out, p, m);
         }
