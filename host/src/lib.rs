@@ -24,6 +24,8 @@ pub mod migration;
 pub mod postcopy;
 pub mod ram;
 pub mod source;
+#[cfg(feature = "tls")]
+pub mod tls;
 mod uffd_abi;
 
 /// The README's code examples, compiled as doctests so they stay true. They embed Ferry

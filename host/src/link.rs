@@ -146,6 +146,10 @@ pub enum LinkError {
         /// What this side holds, for the message.
         held: &'static str,
     },
+    /// TLS refused or failed on a connection.
+    #[cfg(feature = "tls")]
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Where a destination listens and a source connects.

@@ -298,7 +298,7 @@ pub(crate) fn mask_runs(mask: &[u64], limit: u64) -> impl Iterator<Item = (u64, 
 }
 
 /// ORs `src` into `dst` and returns the number of bits newly set in `dst`.
-#[cfg(any(feature = "kvm", feature = "uffd-wp", test))]
+#[cfg(any(feature = "kvm", feature = "vm-memory", test))]
 pub(crate) fn or_into(dst: &mut [u64], src: &[u64]) -> u64 {
     let mut newly = 0u64;
     for (d, s) in dst.iter_mut().zip(src) {

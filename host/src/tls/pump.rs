@@ -1,0 +1,206 @@
+//! The relay between a protected network connection and the plain stream the migration code
+//! reads and writes: two threads per connection, one for each direction, each owning its
+//! direction's key. The migration code keeps its sockets, its io_uring channels, its read
+//! deadlines and its shutdowns; the relay seals what it writes and opens what it reads.
+//!
+//! Ends: when the migration side closes, the relay sends `close_notify` and shuts the network
+//! connection's sending half; when the peer's `close_notify` or end of stream arrives, the
+//! migration side sees end of stream. A record that fails to open, or any network error,
+//! shuts both ends at once, so a reader blocked on either side wakes with an error rather
+//! than act on unauthenticated bytes.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use super::record::{Direction, Opened, RecordError, HEADER, MAX_BODY, MAX_PLAINTEXT, TAG};
+use crate::link::Conn;
+
+/// Plaintext read from the migration side per batch of records.
+const BATCH_PLAIN: usize = 16 * MAX_PLAINTEXT;
+/// Socket buffers of the local pair: large, so a bulk channel's batches fit.
+const LOCAL_BUFFER: libc::c_int = 4 << 20;
+
+/// The first failure of a relay, kept for the error report.
+pub type Fault = Arc<Mutex<Option<RecordError>>>;
+
+fn set_buffers(s: &UnixStream) {
+    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt on a socket this function's caller owns, with a pointer to a
+        // live c_int and its exact size.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&LOCAL_BUFFER as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+/// Writes all of `buf` to `fd` without raising SIGPIPE.
+fn send_all(fd: i32, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: `buf` is a live, readable slice for the duration of the call.
+        let r = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[r as usize..];
+    }
+    Ok(())
+}
+
+/// Reads into `buf`; 0 at end of stream.
+fn recv_some(fd: i32, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is a live, writable slice for the duration of the call.
+        let r = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Reads exactly `buf.len()` bytes; `Ok(false)` at end of stream before the first byte.
+fn recv_exact(fd: i32, buf: &mut [u8]) -> io::Result<bool> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = recv_some(fd, &mut buf[done..])?;
+        if n == 0 {
+            if done == 0 {
+                return Ok(false);
+            }
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        done += n;
+    }
+    Ok(true)
+}
+
+/// Starts the relay for `net`, whose handshake gave `tx` and `rx`; returns the plain stream
+/// for the migration code and the slot where the relay keeps its first failure.
+pub fn spawn(net: Conn, tx: Direction, rx: Direction, name: &str) -> io::Result<(Conn, Fault)> {
+    let (mine, theirs) = UnixStream::pair()?;
+    set_buffers(&mine);
+    set_buffers(&theirs);
+    let fault: Fault = Arc::new(Mutex::new(None));
+    let net_out = net.try_clone()?;
+    let local_in = mine.try_clone()?;
+    let f = fault.clone();
+    thread::Builder::new()
+        .name(format!("tls-out {name}"))
+        .spawn(move || outbound(local_in, net_out, tx, f))?;
+    let f = fault.clone();
+    thread::Builder::new()
+        .name(format!("tls-in {name}"))
+        .spawn(move || inbound(net, mine, rx, f))?;
+    Ok((Conn::Unix(theirs), fault))
+}
+
+fn keep(fault: &Fault, e: RecordError) {
+    if let Ok(mut slot) = fault.lock() {
+        slot.get_or_insert(e);
+    }
+}
+
+/// Migration side to network: seal batches of up to 16 records, one send each.
+fn outbound(local: UnixStream, net: Conn, mut tx: Direction, fault: Fault) {
+    let per = HEADER + MAX_PLAINTEXT + 1 + TAG;
+    let mut plain = vec![0u8; BATCH_PLAIN];
+    let mut wire = vec![0u8; (BATCH_PLAIN / MAX_PLAINTEXT) * per];
+    let (lfd, nfd) = (local.as_raw_fd(), net.fd());
+    loop {
+        let n = match recv_some(lfd, &mut plain) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut out = 0;
+        for chunk in plain[..n].chunks(MAX_PLAINTEXT) {
+            let rec = &mut wire[out..out + HEADER + chunk.len() + 1 + TAG];
+            rec[HEADER..HEADER + chunk.len()].copy_from_slice(chunk);
+            match tx.seal(rec, chunk.len()) {
+                Ok(len) => out += len,
+                Err(e) => {
+                    keep(&fault, e);
+                    let _ = net.shutdown();
+                    let _ = local.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+            }
+        }
+        if send_all(nfd, &wire[..out]).is_err() {
+            let _ = local.shutdown(std::net::Shutdown::Both);
+            let _ = net.shutdown();
+            return;
+        }
+    }
+    // The migration side is done: tell the peer, then end this direction.
+    let mut rec = [0u8; HEADER + 2 + 1 + TAG];
+    if let Ok(len) = tx.seal_close_notify(&mut rec) {
+        let _ = send_all(nfd, &rec[..len]);
+    }
+    if let Conn::Tcp(s) = &net {
+        let _ = s.shutdown(std::net::Shutdown::Write);
+    } else if let Conn::Unix(s) = &net {
+        let _ = s.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// Network to migration side: read whole records, open them in place, pass the plaintext on.
+fn inbound(net: Conn, local: UnixStream, mut rx: Direction, fault: Fault) {
+    let (nfd, lfd) = (net.fd(), local.as_raw_fd());
+    let mut body = vec![0u8; MAX_BODY];
+    let fail = |e: Option<RecordError>| {
+        if let Some(e) = e {
+            keep(&fault, e);
+        }
+        let _ = net.shutdown();
+        let _ = local.shutdown(std::net::Shutdown::Both);
+    };
+    loop {
+        let mut header = [0u8; HEADER];
+        match recv_exact(nfd, &mut header) {
+            // End of stream without close_notify: a cut, not an orderly end.
+            Ok(false) | Err(_) => return fail(None),
+            Ok(true) => {}
+        }
+        let len = match Direction::body_len(&header) {
+            Ok(len) => len,
+            Err(e) => return fail(Some(e)),
+        };
+        match recv_exact(nfd, &mut body[..len]) {
+            Ok(true) => {}
+            _ => return fail(None),
+        }
+        match rx.open(&header, &mut body[..len]) {
+            Ok(Opened::Data(n)) => {
+                if send_all(lfd, &body[..n]).is_err() {
+                    // The migration side is gone.
+                    let _ = net.shutdown();
+                    return;
+                }
+            }
+            Ok(Opened::CloseNotify) => {
+                let _ = local.shutdown(std::net::Shutdown::Write);
+                return;
+            }
+            Err(e) => return fail(Some(e)),
+        }
+    }
+}
