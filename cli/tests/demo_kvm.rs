@@ -89,11 +89,36 @@ fn a_kvm_guest_migrates_while_dirtying_and_verifies_on_the_destination() {
 }
 
 #[test]
+fn send_and_receive_without_credentials_refuse_to_run_in_clear() {
+    for args in [
+        ["send", "--to", "127.0.0.1:9"],
+        ["receive", "--listen", "127.0.0.1:0"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(args)
+            .output()
+            .expect("run ferry");
+        assert!(!out.status.success(), "{args:?} ran without credentials");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--tls-creds DIR")
+                && err.contains("--tls-psk FILE")
+                && err.contains("--insecure"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
 fn a_destination_with_other_ram_is_refused_and_the_guest_stays() {
     if !kvm_present() {
         return;
     }
-    // The receiving side is started by hand with less RAM than the sender.
+    // The receiving side is started by hand with less RAM than the sender,
+    // both ends holding the same pre-shared key (QEMU's keys.psk format).
+    let psk = std::env::temp_dir().join(format!("ferry-test-{}.psk", std::process::id()));
+    std::fs::write(&psk, "ferry-test:00112233445566778899aabbccddeeff\n").expect("psk file");
+    let psk = psk.to_str().expect("utf-8 path").to_string();
     let mut rx = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args([
             "receive",
@@ -102,6 +127,8 @@ fn a_destination_with_other_ram_is_refused_and_the_guest_stays() {
             "--mem",
             "128M",
             "--json",
+            "--tls-psk",
+            &psk,
         ])
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -120,6 +147,8 @@ fn a_destination_with_other_ram_is_refused_and_the_guest_stays() {
             "--dirty-rate",
             "10M",
             "--json",
+            "--tls-psk",
+            &psk,
         ])
         .output()
         .expect("run ferry send");
@@ -158,6 +187,7 @@ fn a_destination_process_killed_mid_precopy_leaves_the_guest_running_intact() {
             "--mem",
             "512M",
             "--json",
+            "--insecure",
         ])
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -179,6 +209,7 @@ fn a_destination_process_killed_mid_precopy_leaves_the_guest_running_intact() {
             "--bandwidth",
             "64M",
             "--json",
+            "--insecure",
         ])
         .stdout(std::process::Stdio::piped())
         .spawn()

@@ -86,6 +86,7 @@ fn ferry_send_holds_a_guest_whose_go_was_not_confirmed_until_the_operator_decide
             "--handover-timeout-s",
             "2",
             "--json",
+            "--insecure",
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -148,6 +149,7 @@ fn ferry_receive_refuses_garbage_in_time_and_says_the_guest_is_the_sources() {
             "--mem",
             "64M",
             "--json",
+            "--insecure",
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -125,7 +125,14 @@ fn migrate(hosts: &TwoHosts) -> (serde_json::Value, serde_json::Value) {
     let mem = (256 * MIB).to_string();
     let mut dst = Command::new("ip")
         .args(["netns", "exec", &hosts.b, ferry, "receive"])
-        .args(["--listen", "169.254.201.2:0", "--mem", &mem, "--json"])
+        .args([
+            "--listen",
+            "169.254.201.2:0",
+            "--mem",
+            &mem,
+            "--json",
+            "--insecure",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
@@ -140,7 +147,7 @@ fn migrate(hosts: &TwoHosts) -> (serde_json::Value, serde_json::Value) {
         .to_string();
     let src = Command::new("ip")
         .args(["netns", "exec", &hosts.a, ferry, "send", "--to", &to])
-        .args(["--mem", &mem, "--dirty-rate", "20M", "--json"])
+        .args(["--mem", &mem, "--dirty-rate", "20M", "--json", "--insecure"])
         .stdin(Stdio::null())
         .output()
         .expect("run ferry send in the source namespace");

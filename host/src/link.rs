@@ -256,11 +256,71 @@ impl std::fmt::Display for ChannelRole {
     }
 }
 
+/// A bulk connection as a [`Connector`] or [`Acceptor`] opened it: the
+/// stream, and, when TLS protects it, the keys its handshake negotiated, which
+/// the channel built on it applies itself (no relay in between).
+#[derive(Debug)]
+pub struct DataConn {
+    conn: Conn,
+    #[cfg(feature = "tls")]
+    protection: Option<ferry_uring::tls::Protection>,
+}
+
+impl DataConn {
+    /// A stream that carries the migration's records as they are.
+    pub fn plain(conn: Conn) -> DataConn {
+        DataConn {
+            conn,
+            #[cfg(feature = "tls")]
+            protection: None,
+        }
+    }
+
+    /// A stream whose records travel in TLS records under `tx` and `rx`.
+    #[cfg(feature = "tls")]
+    pub fn protected(
+        conn: Conn,
+        tx: ferry_uring::tls::Direction,
+        rx: ferry_uring::tls::Direction,
+    ) -> DataConn {
+        DataConn {
+            conn,
+            protection: Some(ferry_uring::tls::Protection { tx, rx }),
+        }
+    }
+
+    /// The socket.
+    pub fn conn(&self) -> &Conn {
+        &self.conn
+    }
+
+    /// The channel for this connection: the requested transport, or the TLS
+    /// record channel when the connection is protected.
+    pub fn into_channel(
+        self,
+        regions: &[ferry_uring::MemRegion],
+        transport: ferry_uring::Transport,
+        probe: &ferry_uring::ProbeReport,
+    ) -> Result<ferry_uring::AnyChannel, ferry_uring::Error> {
+        #[cfg(feature = "tls")]
+        if let Some(p) = self.protection {
+            return ferry_uring::AnyChannel::protected(self.conn, regions, p);
+        }
+        ferry_uring::AnyChannel::new(self.conn, regions, transport, probe)
+    }
+}
+
 /// Where the source's connections come from: one stream per [`ChannelRole`],
 /// asked for in order (control, bulk 0.., urgent).
 pub trait Connector {
     /// The stream for `channel`.
     fn connect(&mut self, channel: ChannelRole) -> Result<Conn, LinkError>;
+
+    /// The bulk connection `channel`; a connector that protects its
+    /// connections hands the keys over with it.
+    fn connect_data(&mut self, channel: ChannelRole) -> Result<DataConn, LinkError> {
+        self.connect(channel).map(DataConn::plain)
+    }
 
     /// How many bulk connections this connector has, when it decides that
     /// itself (streams handed in); `None` when it can open any number.
@@ -282,6 +342,16 @@ pub trait Acceptor {
     fn accept_within(&mut self, channel: ChannelRole, bound: Duration) -> Result<Conn, LinkError> {
         let _ = bound;
         self.accept(channel)
+    }
+
+    /// The bulk connection `channel`, within `bound`; an acceptor that
+    /// protects its connections hands the keys over with it.
+    fn accept_data_within(
+        &mut self,
+        channel: ChannelRole,
+        bound: Duration,
+    ) -> Result<DataConn, LinkError> {
+        self.accept_within(channel, bound).map(DataConn::plain)
     }
 }
 

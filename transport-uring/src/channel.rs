@@ -196,6 +196,9 @@ pub enum AnyChannel {
     Uring(UringChannel),
     /// Blocking std.
     Std(StdChannel),
+    /// Inside TLS 1.3 records.
+    #[cfg(feature = "tls")]
+    Tls(crate::tls::TlsChannel),
 }
 
 impl AnyChannel {
@@ -227,11 +230,28 @@ impl AnyChannel {
     }
 }
 
+#[cfg(feature = "tls")]
+impl AnyChannel {
+    /// Builds a channel whose records travel inside TLS records under `protection` (the
+    /// transport's own sends and receives; io_uring is not used).
+    pub fn protected(
+        stream: impl Into<Stream>,
+        regions: &[MemRegion],
+        protection: crate::tls::Protection,
+    ) -> Result<Self, Error> {
+        Ok(AnyChannel::Tls(crate::tls::TlsChannel::new(
+            stream, regions, protection,
+        )?))
+    }
+}
+
 impl Channel for AnyChannel {
     fn send(&mut self, records: &[OutRecord<'_>]) -> Result<(), Error> {
         match self {
             AnyChannel::Uring(c) => c.send(records),
             AnyChannel::Std(c) => c.send(records),
+            #[cfg(feature = "tls")]
+            AnyChannel::Tls(c) => c.send(records),
         }
     }
 
@@ -239,6 +259,8 @@ impl Channel for AnyChannel {
         match self {
             AnyChannel::Uring(c) => c.flush(),
             AnyChannel::Std(c) => c.flush(),
+            #[cfg(feature = "tls")]
+            AnyChannel::Tls(c) => c.flush(),
         }
     }
 
@@ -250,6 +272,8 @@ impl Channel for AnyChannel {
         match self {
             AnyChannel::Uring(c) => c.recv(decoder, buf),
             AnyChannel::Std(c) => c.recv(decoder, buf),
+            #[cfg(feature = "tls")]
+            AnyChannel::Tls(c) => c.recv(decoder, buf),
         }
     }
 
@@ -257,6 +281,8 @@ impl Channel for AnyChannel {
         match self {
             AnyChannel::Uring(c) => c.name(),
             AnyChannel::Std(c) => c.name(),
+            #[cfg(feature = "tls")]
+            AnyChannel::Tls(c) => c.name(),
         }
     }
 
@@ -264,6 +290,8 @@ impl Channel for AnyChannel {
         match self {
             AnyChannel::Uring(c) => c.stream(),
             AnyChannel::Std(c) => c.stream(),
+            #[cfg(feature = "tls")]
+            AnyChannel::Tls(c) => c.stream(),
         }
     }
 }

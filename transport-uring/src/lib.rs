@@ -24,6 +24,8 @@ mod record;
 mod recv;
 mod segments;
 mod std_net;
+#[cfg(feature = "tls")]
+pub mod tls;
 mod uring;
 mod wire_decoder;
 

@@ -736,6 +736,7 @@ fn run_trial(ferry: &Path, index: usize, seed: u64, set: &Settings) -> Result<Tr
             "--mem",
             "64M",
             "--json",
+            "--insecure",
         ])
         .args([
             "--handover-timeout-s",
@@ -811,6 +812,7 @@ fn run_trial(ferry: &Path, index: usize, seed: u64, set: &Settings) -> Result<Tr
             "--dirty-rate",
             "20M",
             "--json",
+            "--insecure",
         ])
         .args(["--handover-timeout-s", "2", "--idle-timeout-s", "5"])
         .args(send_postcopy_args)

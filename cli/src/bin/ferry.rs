@@ -18,11 +18,12 @@ use ferry_cli::kvm_guest::{self, IncomingGuest, SourceGuest};
 use ferry_cli::operator::{self, Outcome};
 use ferry_cli::vmm::{VerifyReport, Vm, VmConfig};
 use ferry_host::destination;
-use ferry_host::link::{Endpoint, Listener};
+use ferry_host::link::{Acceptor, ChannelRole, Conn, DataConn, Endpoint, LinkError, Listener};
 use ferry_host::migration::{DestinationReport, Event, SourceConfig, SourceReport};
 use ferry_host::postcopy::{DestinationPostcopyReport, PostcopyHandle};
 use ferry_host::ram::Ram;
 use ferry_host::source::{self, SourceLink};
+use ferry_host::tls::{DestinationTls, End, PskKey, SourceTls, TlsAcceptor, X509Credentials};
 use ferry_uring::{RecvStrategy, Transport, UringConfig};
 
 #[derive(Parser, Debug)]
@@ -44,6 +45,34 @@ enum Cmd {
     Send(SendArgs),
     /// Wait for a migration, run the guest that arrives, and have it verify its memory.
     Receive(ReceiveArgs),
+    /// Write a throw-away CA and certificates for both ends (x509 for `--tls-creds`).
+    TlsGen(TlsGenArgs),
+}
+
+#[derive(Args, Debug)]
+struct TlsGenArgs {
+    /// The directory to write (created if missing; copy it to both hosts).
+    #[arg(long)]
+    dir: std::path::PathBuf,
+    /// A name or address the destination's certificate is valid for (repeat
+    /// for several; what `ferry send --to` or `--tls-hostname` names).
+    #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+    names: Vec<String>,
+    /// The source's identity, for the destination's `--tls-authz`.
+    #[arg(long, default_value = "ferry-source")]
+    client: String,
+}
+
+fn tls_gen(a: TlsGenArgs) -> Result<ExitCode, BoxError> {
+    let names: Vec<&str> = a.names.iter().map(String::as_str).collect();
+    let g = ferry_host::tls::generate_x509(&a.dir, &names, &a.client)?;
+    println!(
+        "wrote a throw-away CA and certificates to {}: the destination's is valid for {}, the source's names {}",
+        g.dir.display(),
+        g.server_names.join(", "),
+        g.client_name
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -90,6 +119,149 @@ struct GuestArgs {
     /// `migrate_bench --postcopy`).
     #[arg(long, conflicts_with = "memfd")]
     anonymous: bool,
+}
+
+/// How the migration's connections are protected. One of `--tls-creds`,
+/// `--tls-psk` or `--insecure` is required: there is no silent fallback to
+/// clear text.
+#[derive(Args, Debug, Clone, Default)]
+struct TlsArgs {
+    /// TLS 1.3 with mutual x509: a directory in QEMU's layout, `ca-cert.pem`
+    /// and, on the source, `client-cert.pem` and `client-key.pem`, on the
+    /// destination `server-cert.pem` and `server-key.pem` (`ferry tls-gen`
+    /// writes a throw-away set).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["tls_psk", "insecure"])]
+    tls_creds: Option<std::path::PathBuf>,
+    /// TLS 1.3 with a pre-shared key: a file of `identity:hexkey` lines
+    /// (QEMU's `keys.psk`); the source uses the first line.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    tls_psk: Option<std::path::PathBuf>,
+    /// Destination: a source identity to accept (repeat for several): a DNS
+    /// name in its certificate, or its PSK identity. Without it, any source
+    /// the CA signed, or that holds a key, is accepted.
+    #[arg(long, value_name = "ID")]
+    tls_authz: Vec<String>,
+    /// Source: the name the destination's certificate must be valid for
+    /// (by default the address of `--to`).
+    #[arg(long, value_name = "NAME")]
+    tls_hostname: Option<String>,
+    /// Migrate in clear text, unauthenticated: anyone on the path reads the
+    /// guest's memory, and anyone who can connect can push a guest in.
+    #[arg(long)]
+    insecure: bool,
+}
+
+const NO_CREDENTIALS: &str =
+    "no credentials for the migration's connections: give --tls-creds DIR \
+(mutual x509) or --tls-psk FILE (a pre-shared key), or --insecure to migrate in clear text, \
+unauthenticated";
+
+impl TlsArgs {
+    /// The source's TLS settings; `None` with `--insecure`.
+    fn source(&self, to: &Endpoint) -> Result<Option<SourceTls>, BoxError> {
+        if let Some(dir) = &self.tls_creds {
+            let name = match (&self.tls_hostname, to) {
+                (Some(n), _) => n.clone(),
+                (None, Endpoint::Tcp(a)) => a.ip().to_string(),
+                (None, Endpoint::Unix(_)) => {
+                    return Err(
+                        "--tls-creds over a Unix socket needs --tls-hostname: the name \
+                                the destination's certificate is valid for"
+                            .into(),
+                    )
+                }
+            };
+            let creds = X509Credentials::from_dir(dir, End::Source)?;
+            return Ok(Some(SourceTls::x509(creds, &name)?));
+        }
+        if let Some(file) = &self.tls_psk {
+            let keys = PskKey::read_file(file)?;
+            let first = keys.into_iter().next().ok_or(NO_CREDENTIALS)?;
+            return Ok(Some(SourceTls::psk(first)?));
+        }
+        if self.insecure {
+            return Ok(None);
+        }
+        Err(NO_CREDENTIALS.into())
+    }
+
+    /// The destination's TLS settings; `None` with `--insecure`.
+    fn destination(&self) -> Result<Option<DestinationTls>, BoxError> {
+        if let Some(dir) = &self.tls_creds {
+            let creds = X509Credentials::from_dir(dir, End::Destination)?;
+            return Ok(Some(DestinationTls::x509(creds, self.tls_authz.clone())?));
+        }
+        if let Some(file) = &self.tls_psk {
+            let keys = PskKey::read_file(file)?;
+            return Ok(Some(DestinationTls::psk(keys, self.tls_authz.clone())?));
+        }
+        if self.insecure {
+            return Ok(None);
+        }
+        Err(NO_CREDENTIALS.into())
+    }
+
+    /// What the reports say about the connections.
+    fn mode(&self) -> &'static str {
+        if self.tls_creds.is_some() {
+            "TLS 1.3, mutual x509"
+        } else if self.tls_psk.is_some() {
+            "TLS 1.3, pre-shared key"
+        } else {
+            "clear text (--insecure)"
+        }
+    }
+
+    /// The same choice as arguments, for a child `ferry receive`.
+    fn as_receive_args(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some(d) = &self.tls_creds {
+            v.extend(["--tls-creds".to_string(), d.display().to_string()]);
+        }
+        if let Some(f) = &self.tls_psk {
+            v.extend(["--tls-psk".to_string(), f.display().to_string()]);
+        }
+        for id in &self.tls_authz {
+            v.extend(["--tls-authz".to_string(), id.clone()]);
+        }
+        if self.insecure {
+            v.push("--insecure".to_string());
+        }
+        v
+    }
+}
+
+/// The destination's connections: plain, or through TLS.
+enum Accepting<'l> {
+    Plain(&'l Listener),
+    Tls(TlsAcceptor<&'l Listener>),
+}
+
+impl Acceptor for &Accepting<'_> {
+    fn accept(&mut self, channel: ChannelRole) -> Result<Conn, LinkError> {
+        match self {
+            Accepting::Plain(l) => l.accept(),
+            Accepting::Tls(t) => Acceptor::accept(&mut &*t, channel),
+        }
+    }
+
+    fn accept_within(&mut self, channel: ChannelRole, bound: Duration) -> Result<Conn, LinkError> {
+        match self {
+            Accepting::Plain(l) => l.accept_within(channel, bound),
+            Accepting::Tls(t) => Acceptor::accept_within(&mut &*t, channel, bound),
+        }
+    }
+
+    fn accept_data_within(
+        &mut self,
+        channel: ChannelRole,
+        bound: Duration,
+    ) -> Result<DataConn, LinkError> {
+        match self {
+            Accepting::Plain(l) => l.accept_within(channel, bound).map(DataConn::plain),
+            Accepting::Tls(t) => Acceptor::accept_data_within(&mut &*t, channel, bound),
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -139,6 +311,8 @@ struct MigrateArgs {
     /// Negotiate the postcopy-only-sections capability.
     #[arg(long)]
     postcopy_sections: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Args, Debug)]
@@ -191,6 +365,8 @@ struct ReceiveArgs {
     /// source that sends nothing while data is due.
     #[arg(long, default_value_t = 30)]
     idle_timeout_s: u64,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -250,6 +426,7 @@ fn main() -> ExitCode {
         Cmd::Demo(a) => demo(a),
         Cmd::Send(a) => send(a),
         Cmd::Receive(a) => receive(a),
+        Cmd::TlsGen(a) => tls_gen(a),
     };
     match r {
         Ok(code) => code,
@@ -458,6 +635,7 @@ fn run_source(
     vm: &Vm,
     endpoint: Endpoint,
     m: &MigrateArgs,
+    tls: Option<&SourceTls>,
     pb: &ProgressBar,
 ) -> Result<SourceReport, source::SourceError> {
     let ram = Ram::from_memory(vm.memory());
@@ -466,9 +644,20 @@ fn run_source(
     let (config, link) = source_setup(endpoint, m);
     watch_sigusr1(config.postcopy.clone());
     let json = m.json;
-    source::migrate(&ram, &mut tracker, &mut guest, &config, &link, &mut |e| {
-        source_event(vm, pb, json, e)
-    })
+    let mut events = |e: &Event| source_event(vm, pb, json, e);
+    match tls {
+        None => source::migrate(&ram, &mut tracker, &mut guest, &config, &link, &mut events),
+        Some(t) => source::migrate_over(
+            &ram,
+            &mut tracker,
+            &mut guest,
+            &config,
+            &mut t.connector(&link.endpoint),
+            link.transport,
+            link.bulk_channels,
+            &mut events,
+        ),
+    }
 }
 
 /// One attempt to take up a postcopy that was cut off (see `send`).
@@ -477,10 +666,22 @@ fn resume_source(
     hold: &source::SourceHold,
     endpoint: Endpoint,
     m: &MigrateArgs,
+    tls: Option<&SourceTls>,
 ) -> Result<SourceReport, source::SourceError> {
     let ram = Ram::from_memory(vm.memory());
     let (config, link) = source_setup(endpoint, m);
-    source::resume_postcopy(&ram, &config, &link, hold, &mut |_| {})
+    match tls {
+        None => source::resume_postcopy(&ram, &config, &link, hold, &mut |_| {}),
+        Some(t) => source::resume_postcopy_over(
+            &ram,
+            &config,
+            &mut t.connector(&link.endpoint),
+            link.transport,
+            link.bulk_channels,
+            hold,
+            &mut |_| {},
+        ),
+    }
 }
 
 /// Postcopy was cut off (`failure` says how): the guest runs on the
@@ -492,6 +693,7 @@ fn resume_until_done(
     hold: &source::SourceHold,
     endpoint: &Endpoint,
     m: &MigrateArgs,
+    tls: Option<&SourceTls>,
     failure: &str,
 ) -> Option<(u32, SourceReport)> {
     let mut hold = hold.clone();
@@ -500,7 +702,7 @@ fn resume_until_done(
         hold.session
     );
     operator::hold_retrying(&what, Duration::from_secs(1), |n| {
-        match resume_source(vm, &hold, endpoint.clone(), m) {
+        match resume_source(vm, &hold, endpoint.clone(), m, tls) {
             Ok(r) => Some((n, r)),
             Err(e) => {
                 if n == 1 || n % 10 == 0 {
@@ -622,9 +824,38 @@ fn watch_sigusr1(handle: PostcopyHandle) {
         });
 }
 
-fn demo(a: DemoArgs) -> Result<ExitCode, BoxError> {
+/// The identity of the demo's source in its throw-away certificates.
+const DEMO_SOURCE: &str = "ferry-demo-source";
+
+/// The demo's credentials: as given, or (encrypted by default) a throw-away
+/// CA and certificates for both processes, in a directory removed at exit.
+fn demo_tls(t: &mut TlsArgs, unix: bool) -> Result<Option<TempDir>, BoxError> {
+    if t.insecure || t.tls_psk.is_some() || t.tls_creds.is_some() {
+        return Ok(None);
+    }
+    let dir = TempDir(std::env::temp_dir().join(format!("ferry-demo-tls-{}", std::process::id())));
+    ferry_host::tls::generate_x509(&dir.0, &["localhost", "127.0.0.1"], DEMO_SOURCE)?;
+    t.tls_creds = Some(dir.0.clone());
+    t.tls_authz = vec![DEMO_SOURCE.to_string()];
+    if unix {
+        t.tls_hostname = Some("localhost".to_string());
+    }
+    Ok(Some(dir))
+}
+
+/// A directory removed when dropped.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn demo(mut a: DemoArgs) -> Result<ExitCode, BoxError> {
     require_kvm()?;
     let pb = progress(a.migrate.json);
+    let _creds = demo_tls(&mut a.migrate.tls, a.unix)?;
     let listen = if a.unix {
         format!(
             "unix:{}",
@@ -671,6 +902,7 @@ fn demo(a: DemoArgs) -> Result<ExitCode, BoxError> {
                 &[][..]
             },
         )
+        .args(a.migrate.tls.as_receive_args())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -699,9 +931,15 @@ fn demo(a: DemoArgs) -> Result<ExitCode, BoxError> {
         ),
     );
 
+    let tls = a.migrate.tls.source(&endpoint)?;
+    note(
+        &pb,
+        a.migrate.json,
+        format!("connections: {}", a.migrate.tls.mode()),
+    );
     let started = Instant::now();
     let vm = start_source(&a.guest, &a.migrate, &pb)?;
-    let mut result = run_source(&vm, endpoint.clone(), &a.migrate, &pb);
+    let mut result = run_source(&vm, endpoint.clone(), &a.migrate, tls.as_ref(), &pb);
     pb.finish_and_clear();
     // Postcopy cut off: keep resuming until it completes, or until the
     // operator discards the guest.
@@ -709,7 +947,14 @@ fn demo(a: DemoArgs) -> Result<ExitCode, BoxError> {
     let mut discarded = false;
     if let Err(source::SourceError::PostcopyInterrupted { hold, .. }) = &result {
         let what = result.as_ref().err().map(|e| e.to_string());
-        match resume_until_done(&vm, hold, &endpoint, &a.migrate, &what.unwrap_or_default()) {
+        match resume_until_done(
+            &vm,
+            hold,
+            &endpoint,
+            &a.migrate,
+            tls.as_ref(),
+            &what.unwrap_or_default(),
+        ) {
             Some((n, r)) => {
                 recoveries = n;
                 result = Ok(r);
@@ -938,10 +1183,12 @@ fn print_report(r: &DemoReport, json: bool) -> Result<(), BoxError> {
 
 fn send(a: SendArgs) -> Result<ExitCode, BoxError> {
     let endpoint: Endpoint = a.to.parse()?;
+    let tls = a.migrate.tls.source(&endpoint)?;
+    require_kvm()?;
     let pb = progress(a.migrate.json);
     let started = Instant::now();
     let vm = start_source(&a.guest, &a.migrate, &pb)?;
-    let result = run_source(&vm, endpoint.clone(), &a.migrate, &pb);
+    let result = run_source(&vm, endpoint.clone(), &a.migrate, tls.as_ref(), &pb);
     pb.finish_and_clear();
     let (report, outcome, holds) = send_report(&a, &vm, &result, started, 0);
     print_report(&report, a.migrate.json)?;
@@ -951,7 +1198,7 @@ fn send(a: SendArgs) -> Result<ExitCode, BoxError> {
         // completes, or until the operator discards the guest; the report
         // above said `held`, the one after a resume says how it ended.
         let what = report.error.clone().unwrap_or_default();
-        let resumed = resume_until_done(&vm, hold, &endpoint, &a.migrate, &what);
+        let resumed = resume_until_done(&vm, hold, &endpoint, &a.migrate, tls.as_ref(), &what);
         let Some((n, r)) = resumed else {
             eprintln!("ferry: the guest held here is discarded");
             return Ok(Outcome::Held.into());
@@ -1037,6 +1284,7 @@ fn send_report(
 }
 
 fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
+    let tls = a.tls.destination()?;
     require_kvm()?;
     let endpoint: Endpoint = a.listen.parse()?;
     // With postcopy, pages not received are fetched on fault: RAM must not
@@ -1068,6 +1316,10 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
     }
     let listener = Listener::bind(&endpoint)?;
     let bound = listener.local_endpoint()?;
+    let accepting = match tls {
+        Some(t) => Accepting::Tls(t.acceptor(&listener)),
+        None => Accepting::Plain(&listener),
+    };
     {
         // With --json, stdout carries JSON lines only, each with a `type`:
         // this `listening` line, then the `report`.
@@ -1081,7 +1333,10 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
         out.flush()?;
     }
     if !a.json {
-        eprintln!("ferry: waiting for a migration on {bound}");
+        eprintln!(
+            "ferry: waiting for a migration on {bound} ({})",
+            a.tls.mode()
+        );
     }
     let ram = Ram::from_memory(vm.memory());
     let mut starter = IncomingGuest::new(&vm);
@@ -1100,9 +1355,9 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
     // the migration.
     let second = unsafe { Ram::from_raw(&parts) };
     let result = if seconds.is_empty() {
-        destination::receive_with(&listener, &ram, &mut starter, &config)
+        destination::receive_with(&accepting, &ram, &mut starter, &config)
     } else {
-        destination::receive_in_place(&listener, &ram, &second, &mut starter, &config)
+        destination::receive_in_place(&accepting, &ram, &second, &mut starter, &config)
     };
     let (mut result, held) = match result {
         Err(mut e) => {
@@ -1141,8 +1396,14 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
         again.timeouts.handshake = again.timeouts.handshake.min(5_000_000_000);
         let second = (!seconds.is_empty()).then_some(&second);
         let resumed = operator::hold_retrying(&what, Duration::from_millis(100), |n| {
-            match destination::resume_postcopy(&listener, &ram, second, &hold, &mut starter, &again)
-            {
+            match destination::resume_postcopy(
+                &accepting,
+                &ram,
+                second,
+                &hold,
+                &mut starter,
+                &again,
+            ) {
                 Ok(r) => {
                     recoveries = n;
                     Some(r)

@@ -1474,9 +1474,9 @@ fn open_channels(
     let n_bulk = usize::from(neg.caps.channels.saturating_sub(extra)).max(1);
     let mut bulk = Vec::with_capacity(n_bulk);
     for i in 0..n_bulk {
-        let c = listener.accept_within(ChannelRole::Bulk(i), bound)?;
+        let c = listener.accept_data_within(ChannelRole::Bulk(i), bound)?;
         bulk.push(
-            AnyChannel::new(c, &regions, config.transport, &probe)
+            c.into_channel(&regions, config.transport, &probe)
                 .map_err(transport_err(ChannelRole::Bulk(i)))?,
         );
     }

@@ -432,6 +432,29 @@ pub fn resume_postcopy(
     hold: &SourceHold,
     events: &mut dyn FnMut(&Event),
 ) -> Result<SourceReport, SourceError> {
+    let mut dial = &link.endpoint;
+    resume_postcopy_over(
+        ram,
+        config,
+        &mut dial,
+        link.transport,
+        link.bulk_channels,
+        hold,
+        events,
+    )
+}
+
+/// As [`resume_postcopy`], over connections `connections` gives (a TLS
+/// connector, streams the caller opened).
+pub fn resume_postcopy_over<C: Connector>(
+    ram: &Ram<'_>,
+    config: &SourceConfig,
+    connections: &mut C,
+    transport: Transport,
+    bulk_channels: usize,
+    hold: &SourceHold,
+    events: &mut dyn FnMut(&Event),
+) -> Result<SourceReport, SourceError> {
     let interrupted = |why: SourceError| match why {
         e @ SourceError::PostcopyInterrupted { .. } => e,
         why => SourceError::PostcopyInterrupted {
@@ -441,17 +464,9 @@ pub fn resume_postcopy(
         },
     };
     let probe = ferry_uring::probe();
-    let mut dial = &link.endpoint;
-    let mut src = Source::connect(
-        ram,
-        config,
-        &mut dial,
-        link.transport,
-        link.bulk_channels,
-        &probe,
-        Some(hold),
-    )
-    .map_err(interrupted)?;
+    let n = connections.bulk_channels().unwrap_or(bulk_channels);
+    let mut src = Source::connect(ram, config, connections, transport, n, &probe, Some(hold))
+        .map_err(interrupted)?;
     events(&Event::Connected {
         transport: src.transport_name.clone(),
     });
@@ -579,13 +594,13 @@ impl<'r, 'm> Source<'r, 'm> {
         let mut bulk = Vec::with_capacity(n_bulk);
         let mut bulk_wakers = Vec::with_capacity(n_bulk);
         for i in 0..n_bulk {
-            let c = connections.connect(ChannelRole::Bulk(i))?;
-            bulk_wakers.push(c.try_clone().map_err(|source| LinkError::Io {
+            let c = connections.connect_data(ChannelRole::Bulk(i))?;
+            bulk_wakers.push(c.conn().try_clone().map_err(|source| LinkError::Io {
                 what: "duplicating a bulk socket",
                 source,
             })?);
             bulk.push(
-                AnyChannel::new(c, &regions, transport, probe)
+                c.into_channel(&regions, transport, probe)
                     .map_err(chan_err(ChannelRole::Bulk(i)))?,
             );
         }

@@ -31,11 +31,11 @@ use std::time::{Duration, Instant};
 
 use ring::hmac;
 use rustls::pki_types::ServerName;
-use rustls::{ClientConnection, Connection, ServerConnection};
+use rustls::{ClientConnection, Connection, ConnectionTrafficSecrets, ServerConnection};
 
-use super::record::{Direction, HEADER, MAX_BODY};
 use super::{PskKey, TlsError};
 use crate::link::{ChannelRole, Conn};
+use ferry_uring::tls::{Direction, Suite, HEADER, MAX_BODY};
 
 const MAGIC: &[u8; 4] = b"FTLS";
 const VERSION: u8 = 1;
@@ -262,11 +262,24 @@ fn finish(
             source: e,
         })?;
     Ok(Done {
-        tx: Direction::new(secrets.tx.0, secrets.tx.1).map_err(TlsError::Record)?,
-        rx: Direction::new(secrets.rx.0, secrets.rx.1).map_err(TlsError::Record)?,
+        tx: direction(secrets.tx.0, secrets.tx.1)?,
+        rx: direction(secrets.rx.0, secrets.rx.1)?,
         session,
         identity,
     })
+}
+
+/// The record layer's direction for the secrets rustls handed over.
+fn direction(seq: u64, secrets: ConnectionTrafficSecrets) -> Result<Direction, TlsError> {
+    let (suite, key, iv) = match secrets {
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Suite::Aes128Gcm, key, iv),
+        ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Suite::Aes256Gcm, key, iv),
+        ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+            (Suite::Chacha20Poly1305, key, iv)
+        }
+        _ => return Err(TlsError::UnsupportedSuite),
+    };
+    Direction::new(suite, key.as_ref(), iv.as_ref(), seq).map_err(TlsError::Record)
 }
 
 /// The source's side of one connection.

@@ -13,9 +13,12 @@
 //!   The control connection's exporter names the session; every bulk and urgent connection
 //!   proves it belongs to it. A connection that fails its handshake or proof is refused and
 //!   the destination waits on for the real one, within the channel's bound.
-//! - The record layer ([`record`]) protects each direction with the keys rustls negotiated,
-//!   in user space (this kernel has no kTLS); relay threads ([`pump`]) sit between the network
-//!   connection and the plain stream the migration code uses.
+//! - The record layer (`ferry_uring::tls`) protects each direction with the keys rustls
+//!   negotiated, in user space (this kernel has no kTLS). Bulk connections hand their keys to
+//!   the channel itself ([`ferry_uring::tls::TlsChannel`]: pages are sealed as they are
+//!   gathered from guest memory and opened once on arrival); the control and urgent
+//!   connections go through relay threads (`pump`) between the network connection and the
+//!   plain stream the migration code reads and writes.
 //!
 //! [`generate_x509`] writes a throw-away CA and certificates for both ends, in the layout
 //! [`X509Credentials::from_dir`] reads (QEMU's: `ca-cert.pem`, `server-cert.pem`,
@@ -23,7 +26,6 @@
 
 mod handshake;
 mod pump;
-pub mod record;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -37,9 +39,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 
-use crate::link::{Acceptor, ChannelRole, Conn, Connector, LinkError};
+use crate::link::{Acceptor, ChannelRole, Conn, Connector, DataConn, LinkError};
+pub use ferry_uring::tls::RecordError;
 pub use handshake::Verdict;
-pub use record::RecordError;
 
 /// The bound on one connection's TLS handshake and channel hello, by default.
 pub const HANDSHAKE_BOUND: Duration = Duration::from_secs(10);
@@ -171,6 +173,9 @@ pub enum TlsError {
         /// The destination's [`Verdict`] code.
         verdict: u8,
     },
+    /// The handshake chose a cipher suite the record layer does not implement.
+    #[error("the handshake chose a cipher suite the record layer does not implement")]
+    UnsupportedSuite,
     /// The record layer refused the keys.
     #[error("the record layer: {0}")]
     Record(RecordError),
@@ -480,8 +485,8 @@ fn first_fault(faults: &[pump::Fault]) -> Option<RecordError> {
         .find_map(|f| f.lock().ok().and_then(|g| g.clone()))
 }
 
-impl<C: Connector> Connector for TlsConnector<C> {
-    fn connect(&mut self, channel: ChannelRole) -> Result<Conn, LinkError> {
+impl<C: Connector> TlsConnector<C> {
+    fn open(&mut self, channel: ChannelRole) -> Result<(Conn, handshake::Done), LinkError> {
         let mut net = self.inner.connect(channel)?;
         let done = handshake::client(
             &mut net,
@@ -497,10 +502,22 @@ impl<C: Connector> Connector for TlsConnector<C> {
             self.faults.clear();
         }
         let _ = net.set_read_timeout(None);
+        Ok((net, done))
+    }
+}
+
+impl<C: Connector> Connector for TlsConnector<C> {
+    fn connect(&mut self, channel: ChannelRole) -> Result<Conn, LinkError> {
+        let (net, done) = self.open(channel)?;
         let (conn, fault) =
             pump::spawn(net, done.tx, done.rx, &channel.to_string()).map_err(TlsError::Relay)?;
         self.faults.push(fault);
         Ok(conn)
+    }
+
+    fn connect_data(&mut self, channel: ChannelRole) -> Result<DataConn, LinkError> {
+        let (net, done) = self.open(channel)?;
+        Ok(DataConn::protected(net, done.tx, done.rx))
     }
 
     fn bulk_channels(&self) -> Option<usize> {
@@ -613,6 +630,20 @@ impl<A> TlsAcceptor<A> {
 
 impl<A: Acceptor> TlsAcceptor<A> {
     fn accept_by(&self, channel: ChannelRole, bound: Option<Duration>) -> Result<Conn, LinkError> {
+        let (net, done) = self.open(channel, bound)?;
+        let (conn, fault) =
+            pump::spawn(net, done.tx, done.rx, &channel.to_string()).map_err(TlsError::Relay)?;
+        if let Ok(mut s) = self.state.lock() {
+            s.faults.push(fault);
+        }
+        Ok(conn)
+    }
+
+    fn open(
+        &self,
+        channel: ChannelRole,
+        bound: Option<Duration>,
+    ) -> Result<(Conn, handshake::Done), LinkError> {
         let deadline = bound.map(|b| Instant::now() + b);
         loop {
             let mut net = {
@@ -643,17 +674,14 @@ impl<A: Acceptor> TlsAcceptor<A> {
             match handshake::server(&mut net, self.tls.config.clone(), &check, channel, hs_bound) {
                 Ok(done) => {
                     let _ = net.set_read_timeout(None);
-                    let (conn, fault) = pump::spawn(net, done.tx, done.rx, &channel.to_string())
-                        .map_err(TlsError::Relay)?;
-                    if let Ok(mut s) = self.state.lock() {
-                        if channel == ChannelRole::Control {
+                    if channel == ChannelRole::Control {
+                        if let Ok(mut s) = self.state.lock() {
                             s.session = Some(done.session);
-                            s.identity = Some(done.identity).filter(|i| !i.is_empty());
+                            s.identity = Some(done.identity.clone()).filter(|i| !i.is_empty());
                             s.faults.clear();
                         }
-                        s.faults.push(fault);
                     }
-                    return Ok(conn);
+                    return Ok((net, done));
                 }
                 Err(e) => {
                     let _ = net.shutdown();
@@ -674,6 +702,15 @@ impl<A: Acceptor> Acceptor for &TlsAcceptor<A> {
     fn accept_within(&mut self, channel: ChannelRole, bound: Duration) -> Result<Conn, LinkError> {
         self.accept_by(channel, Some(bound))
     }
+
+    fn accept_data_within(
+        &mut self,
+        channel: ChannelRole,
+        bound: Duration,
+    ) -> Result<DataConn, LinkError> {
+        let (net, done) = self.open(channel, Some(bound))?;
+        Ok(DataConn::protected(net, done.tx, done.rx))
+    }
 }
 
 impl<A: Acceptor> Acceptor for TlsAcceptor<A> {
@@ -683,6 +720,15 @@ impl<A: Acceptor> Acceptor for TlsAcceptor<A> {
 
     fn accept_within(&mut self, channel: ChannelRole, bound: Duration) -> Result<Conn, LinkError> {
         self.accept_by(channel, Some(bound))
+    }
+
+    fn accept_data_within(
+        &mut self,
+        channel: ChannelRole,
+        bound: Duration,
+    ) -> Result<DataConn, LinkError> {
+        let (net, done) = self.open(channel, Some(bound))?;
+        Ok(DataConn::protected(net, done.tx, done.rx))
     }
 }
 

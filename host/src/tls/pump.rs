@@ -15,8 +15,10 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use super::record::{Direction, Opened, RecordError, HEADER, MAX_BODY, MAX_PLAINTEXT, TAG};
 use crate::link::Conn;
+use ferry_uring::tls::{
+    send_all, Direction, Opened, RecordError, HEADER, MAX_BODY, MAX_PLAINTEXT, TAG,
+};
 
 /// Plaintext read from the migration side per batch of records.
 const BATCH_PLAIN: usize = 16 * MAX_PLAINTEXT;
@@ -40,26 +42,6 @@ fn set_buffers(s: &UnixStream) {
             );
         }
     }
-}
-
-/// Writes all of `buf` to `fd` without raising SIGPIPE.
-fn send_all(fd: i32, mut buf: &[u8]) -> io::Result<()> {
-    while !buf.is_empty() {
-        // SAFETY: `buf` is a live, readable slice for the duration of the call.
-        let r = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if r == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        buf = &buf[r as usize..];
-    }
-    Ok(())
 }
 
 /// Reads into `buf`; 0 at end of stream.
