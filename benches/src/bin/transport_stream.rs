@@ -1,5 +1,6 @@
 //! Streams guest pages over loopback TCP from registered memory into registered memory, for the
-//! io_uring transport (plain and SEND_ZC) and the blocking std transport, with 1 and 2 bulk
+//! io_uring transport (plain and SEND_ZC), the blocking std transport and the TLS record
+//! channel (AES-128-GCM on fixed keys: the record layer, not the handshake), with 1 and 2 bulk
 //! channels, sequential runs and scattered single pages — beside the raw ceiling measured in
 //! the same run: one plain socket pair streaming one large buffer with no framing.
 //!
@@ -114,6 +115,15 @@ struct Case {
     name: &'static str,
     send: Transport,
     recv: Transport,
+    /// Inside TLS records instead (the transports above are then unused).
+    tls: bool,
+}
+
+/// The TLS record channel's keys for one benchmark connection: fixed, the same at both ends.
+fn protection() -> ferry_uring::tls::Protection {
+    use ferry_uring::tls::{Direction, Suite};
+    let d = || Direction::new(Suite::Aes128Gcm, &[0x5a; 16], &[0xa5; 12], 0).unwrap();
+    ferry_uring::tls::Protection { tx: d(), rx: d() }
 }
 
 fn tcp_pairs(n: usize) -> Vec<(TcpStream, TcpStream)> {
@@ -181,8 +191,17 @@ fn run_case(case: &Case, src: &Mem, dst: &Mem, total: u64, probe: &ProbeReport) 
         .sum();
     let passes = total.div_ceil(pass_bytes);
     for (ch, (a, b)) in pairs.into_iter().enumerate() {
-        let tx = AnyChannel::new(Stream::from(a), &[src.region()], case.send, probe).unwrap();
-        let rx = AnyChannel::new(Stream::from(b), &[dst.region()], case.recv, probe).unwrap();
+        let (tx, rx) = if case.tls {
+            (
+                AnyChannel::protected(Stream::from(a), &[src.region()], protection()).unwrap(),
+                AnyChannel::protected(Stream::from(b), &[dst.region()], protection()).unwrap(),
+            )
+        } else {
+            (
+                AnyChannel::new(Stream::from(a), &[src.region()], case.send, probe).unwrap(),
+                AnyChannel::new(Stream::from(b), &[dst.region()], case.recv, probe).unwrap(),
+            )
+        };
         let lists: Vec<Vec<(u64, u32)>> = plans.iter().map(|p| p[ch].clone()).collect();
         let (s1, s2) = (start.clone(), start.clone());
         handles.push(thread::spawn(move || {
@@ -315,6 +334,15 @@ fn main() {
                 name: "std",
                 send: std_t,
                 recv: std_t,
+                tls: false,
+            });
+            cases.push(Case {
+                pattern,
+                channels,
+                name: "tls AES-128-GCM",
+                send: std_t,
+                recv: std_t,
+                tls: true,
             });
             cases.push(Case {
                 pattern,
@@ -322,6 +350,7 @@ fn main() {
                 name: "io_uring",
                 send: uring,
                 recv: uring,
+                tls: false,
             });
             if p.send_zc {
                 cases.push(Case {
@@ -330,6 +359,7 @@ fn main() {
                     name: "io_uring SEND_ZC",
                     send: zc,
                     recv: uring,
+                    tls: false,
                 });
             }
         }
@@ -339,6 +369,7 @@ fn main() {
             name: "io_uring recv direct",
             send: uring,
             recv: with_recv(RecvStrategy::Direct),
+            tls: false,
         });
         cases.push(Case {
             pattern,
@@ -346,6 +377,7 @@ fn main() {
             name: "io_uring recv staged",
             send: uring,
             recv: with_recv(RecvStrategy::Staged),
+            tls: false,
         });
     }
 
