@@ -1,7 +1,8 @@
 //! A short run of the fault-injection trials (`src/bin/fault_trials.rs`):
-//! 33 seeded trials (24 in precopy and at the handover, 8 with postcopy, one
-//! cut in the middle of postcopy that must be recovered; stalls take up to
-//! 45 s each and are left to `make faults`), each a real `ferry send` →
+//! 42 seeded trials (24 in precopy and at the handover, 8 with postcopy, one
+//! cut in the middle of postcopy that must be recovered, and 9 of those
+//! encrypted; stalls take up to 45 s each and are left to `make faults`),
+//! each a real `ferry send` →
 //! `ferry receive` migration of a 64 MiB KVM guest through the fault proxy.
 //! None may end with the guest lost, on both sides, with wrong memory, or
 //! hung.
@@ -104,6 +105,37 @@ fn postcopy_trials_lose_nothing() {
 #[test]
 fn a_cut_in_postcopy_is_recovered() {
     let Some(v) = trials(&["--postcopy", "--fault", "cut:72000000"], 1) else {
+        return;
+    };
+    assert_eq!(v["results"][0]["class"], "recovered", "{v}");
+}
+
+/// Encrypted migrations (TLS 1.3, a pre-shared key): resets, kills and cuts
+/// of the encrypted connections lose nothing either.
+#[test]
+fn encrypted_trials_lose_nothing() {
+    trials(
+        &[
+            "--tls",
+            "--seed",
+            "3",
+            "--faults",
+            "reset,kill,cut",
+            "--kill-window-ms",
+            "800",
+            "--bound-s",
+            "40",
+        ],
+        8,
+    );
+}
+
+/// An encrypted postcopy cut in the middle: the resume's new connections
+/// run their own handshakes, bound to the new session, and the migration
+/// completes.
+#[test]
+fn an_encrypted_cut_in_postcopy_is_recovered() {
+    let Some(v) = trials(&["--tls", "--postcopy", "--fault", "cut:72000000"], 1) else {
         return;
     };
     assert_eq!(v["results"][0]["class"], "recovered", "{v}");

@@ -24,7 +24,7 @@ use ferry_host::migration::{CallbackError, DeviceSection, GuestStarter, SourceCo
 use ferry_host::ram::Ram;
 use ferry_host::source::{self, SourceError};
 use ferry_host::tls::{
-    generate_x509, DestinationTls, End, PskKey, SourceTls, TlsError, X509Credentials,
+    generate_x509, DestinationTls, End, PskKey, RecordError, SourceTls, TlsError, X509Credentials,
 };
 use ferry_uring::{Transport, UringConfig};
 
@@ -135,10 +135,29 @@ fn migrate<C: Connector>(
     Result<SourceReport, SourceError>,
     Result<(), DestinationError>,
 ) {
+    let (s, d, _) = migrate_counting(g, connector, acceptor);
+    (s, d)
+}
+
+/// As [`migrate`], also saying whether the source guest runs at the end (its pauses all
+/// resumed).
+fn migrate_counting<C: Connector>(
+    g: &Guests,
+    connector: &mut C,
+    acceptor: &(dyn Fn() -> Result<(), DestinationError> + Sync),
+) -> (
+    Result<SourceReport, SourceError>,
+    Result<(), DestinationError>,
+    bool,
+) {
     let src_ram = Ram::from_memory(&g.src);
     let mut tracker = tracker_for(&g.src);
     let base = g.src.regions()[0].host_ptr() as usize;
     let mut writer = Writer::start(base + (GUEST / 2) as usize, 512, 4);
+    let runs = |w: &Writer| {
+        w.pauses.load(std::sync::atomic::Ordering::Relaxed)
+            == w.resumes.load(std::sync::atomic::Ordering::Relaxed)
+    };
     thread::scope(|s| {
         let d = s.spawn(acceptor);
         let r = source::migrate_over(
@@ -151,7 +170,7 @@ fn migrate<C: Connector>(
             2,
             &mut |_| {},
         );
-        (r, d.join().expect("destination thread"))
+        (r, d.join().expect("destination thread"), runs(&writer))
     })
 }
 
@@ -177,6 +196,13 @@ struct Recorder {
 }
 
 fn recorder(to: Endpoint) -> Recorder {
+    relay(to, None)
+}
+
+/// As [`recorder`]; with `tamper = Some((n, k))` it flips one bit in the body of TLS record
+/// `k` (from 0, the ClientHello) of what the source sends on its `n`-th connection (0:
+/// control, 1: bulk 0, ...).
+fn relay(to: Endpoint, tamper: Option<(usize, usize)>) -> Recorder {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let endpoint = Endpoint::Tcp(l.local_addr().expect("addr"));
     let sent: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
@@ -204,10 +230,31 @@ fn recorder(to: Endpoint) -> Recorder {
             let log = log.clone();
             thread::spawn(move || {
                 let mut buf = vec![0u8; 1 << 16];
+                // The stream so far, the next record header's offset, its number, and the
+                // offset of the byte to flip once the record to change is found.
+                let (mut all, mut next, mut number, mut flip) = (Vec::new(), 0usize, 0usize, None);
                 loop {
                     match inbound.read(&mut buf) {
                         Ok(0) | Err(_) => break,
                         Ok(n) => {
+                            let seen = all.len();
+                            all.extend_from_slice(&buf[..n]);
+                            if let Some((conn, k)) = tamper.filter(|t| t.0 == idx) {
+                                let _ = conn;
+                                while flip.is_none() && next + 5 <= all.len() {
+                                    if number == k {
+                                        flip = Some(next + 7);
+                                    }
+                                    next += 5 + usize::from(u16::from_be_bytes([
+                                        all[next + 3],
+                                        all[next + 4],
+                                    ]));
+                                    number += 1;
+                                }
+                                if let Some(at) = flip.filter(|&a| (seen..seen + n).contains(&a)) {
+                                    buf[at - seen] ^= 0x10;
+                                }
+                            }
                             log.lock().expect("log")[idx].extend_from_slice(&buf[..n]);
                             if out.write_all(&buf[..n]).is_err() {
                                 break;
@@ -581,6 +628,50 @@ fn a_recorded_session_replayed_is_refused() {
     let refused = acc2.refused();
     assert!(!refused.is_empty());
     assert!(refused[0].contains("control"), "{refused:?}");
+}
+
+/// A bit flipped on the wire, on connection `conn` at byte `at`: the migration fails with a
+/// clear error, the source guest runs on, and the destination never started it.
+fn tampered(conn: usize, at: usize) -> (String, String, Option<RecordError>) {
+    let g = Guests::new();
+    let (l, e) = listener();
+    let rec = relay(e, Some((conn, at)));
+    let dst = DestinationTls::psk(vec![psk("source-a", 7)], vec![]).expect("destination TLS");
+    let acc = dst.acceptor(Bounded(&l, Duration::from_secs(5)));
+    let tls = SourceTls::psk(psk("source-a", 7)).expect("source TLS");
+    let (s, d, runs) = migrate_counting(&g, &mut tls.connector(rec.endpoint.clone()), &|| {
+        receive(&g, &acc)
+    });
+    let s = s
+        .expect_err("a tampered stream fails the migration")
+        .to_string();
+    let d = d
+        .expect_err("the destination does not complete")
+        .to_string();
+    assert!(runs, "the guest runs on at the source");
+    eprintln!("source: {s}\ndestination: {d}");
+    (s, d, acc.record_fault())
+}
+
+#[test]
+fn a_bit_flipped_on_a_bulk_connection_fails_the_migration_and_the_guest_runs_on() {
+    // Well into the pages: record 100 of bulk connection 0.
+    let (s, d, _) = tampered(1, 100);
+    assert!(d.contains("failed authentication"), "destination: {d}");
+    assert!(!s.is_empty());
+}
+
+#[test]
+fn a_bit_flipped_on_the_control_connection_fails_the_migration_and_the_guest_runs_on() {
+    // Records 0-3 are the ClientHello, ChangeCipherSpec, Finished and the channel hello:
+    // record 4 carries the migration's own hello.
+    let (s, d, fault) = tampered(0, 4);
+    assert!(
+        !s.is_empty() && !d.is_empty(),
+        "source: {s}; destination: {d}"
+    );
+    // The relay kept why the control connection ended.
+    assert_eq!(fault, Some(RecordError::Authentication));
 }
 
 #[test]

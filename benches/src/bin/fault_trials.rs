@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo build --release -p ferry-cli --bin ferry -p ferry-benches --bin fault_trials
-//! target/release/fault_trials --trials 40 [--seed S] [--json] [--postcopy]
+//! target/release/fault_trials --trials 40 [--seed S] [--json] [--postcopy] [--tls]
 //!     [--faults reset,stall,kill,handover,cut] [--trial-seed X] [--expect-bytes N] [--bound-s 45]
 //!     [--kill-window-ms 4000] [--ferry PATH] [--fault KIND:N]
 //! ```
@@ -34,6 +34,11 @@
 //! Weights: reset 45, kill 35, stall 20 (stalls are the long trials), and
 //! `handover` 30 and `cut` 45 when asked for with `--faults` (not in the
 //! default list).
+//!
+//! With `--tls` both sides migrate encrypted (TLS 1.3 with a pre-shared key
+//! this program writes), and the proxy cuts, stalls and resets encrypted
+//! connections; `handover` faults, which read the return path in clear text,
+//! are refused then.
 //!
 //! With `--postcopy` both sides run with `--postcopy` (postcopy after the
 //! first pass) and the source with `--bandwidth 64M`, so that postcopy lasts
@@ -699,6 +704,8 @@ struct Settings<'a> {
     bound: Duration,
     /// Both sides switch to postcopy after the first pass.
     postcopy: bool,
+    /// Both sides migrate encrypted with the pre-shared key in this file.
+    tls_psk: Option<&'a Path>,
 }
 
 fn run_trial(ferry: &Path, index: usize, seed: u64, set: &Settings) -> Result<Trial, String> {
@@ -709,7 +716,12 @@ fn run_trial(ferry: &Path, index: usize, seed: u64, set: &Settings) -> Result<Tr
         forced,
         bound,
         postcopy,
+        tls_psk,
     } = *set;
+    let link_args: Vec<&str> = match tls_psk.and_then(Path::to_str) {
+        Some(p) => vec!["--tls-psk", p],
+        None => vec!["--insecure"],
+    };
     // Postcopy cut off: both sides hold while they resume, for a moment.
     let hold_after = if postcopy { HOLD_AFTER * 3 } else { HOLD_AFTER };
     let postcopy_args: &[&str] = if postcopy { &["--postcopy"] } else { &[] };
@@ -736,8 +748,8 @@ fn run_trial(ferry: &Path, index: usize, seed: u64, set: &Settings) -> Result<Tr
             "--mem",
             "64M",
             "--json",
-            "--insecure",
         ])
+        .args(&link_args)
         .args([
             "--handover-timeout-s",
             "2",
@@ -812,8 +824,8 @@ fn run_trial(ferry: &Path, index: usize, seed: u64, set: &Settings) -> Result<Tr
             "--dirty-rate",
             "20M",
             "--json",
-            "--insecure",
         ])
+        .args(&link_args)
         .args(["--handover-timeout-s", "2", "--idle-timeout-s", "5"])
         .args(send_postcopy_args)
         .stdin(Stdio::null())
@@ -1162,6 +1174,18 @@ fn main() {
             .map(|i| base_seed.wrapping_mul(1_000_003).wrapping_add(i))
             .collect(),
     };
+    let tls = args.iter().any(|a| a == "--tls");
+    if tls && kinds.contains(&"handover") {
+        eprintln!("fault_trials: handover faults read the return path in clear text; with --tls use reset, stall, kill, cut");
+        std::process::exit(2);
+    }
+    let psk = std::env::temp_dir().join(format!("fault-trials-{}.psk", std::process::id()));
+    if tls {
+        if let Err(e) = std::fs::write(&psk, "fault-trials:0f1e2d3c4b5a69788796a5b4c3d2e1f0\n") {
+            eprintln!("fault_trials: cannot write {}: {e}", psk.display());
+            std::process::exit(1);
+        }
+    }
     let set = Settings {
         kinds: &kinds,
         expect,
@@ -1169,6 +1193,7 @@ fn main() {
         forced,
         bound,
         postcopy: args.iter().any(|a| a == "--postcopy"),
+        tls_psk: tls.then_some(psk.as_path()),
     };
     let started = Instant::now();
     let mut results = Vec::new();

@@ -237,6 +237,16 @@ enum Accepting<'l> {
     Tls(TlsAcceptor<&'l Listener>),
 }
 
+impl Accepting<'_> {
+    /// The first record that failed on the session's protected connections.
+    fn record_fault(&self) -> Option<ferry_host::tls::RecordError> {
+        match self {
+            Accepting::Plain(_) => None,
+            Accepting::Tls(t) => t.record_fault(),
+        }
+    }
+}
+
 impl Acceptor for &Accepting<'_> {
     fn accept(&mut self, channel: ChannelRole) -> Result<Conn, LinkError> {
         match self {
@@ -1471,7 +1481,12 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode, BoxError> {
             }
         }
         Err(e) => {
-            summary.error = Some(e.to_string());
+            summary.error = Some(match accepting.record_fault() {
+                // A relay ended a connection on a record that failed: say so,
+                // not just that the stream ended.
+                Some(f) => format!("{e} (TLS: {f})"),
+                None => e.to_string(),
+            });
             summary.go_received = e.go_received;
             if let Some(hold) = e.postcopy_hold {
                 // Postcopy lost its connection: the guest's vCPUs wait on
