@@ -651,7 +651,7 @@ impl Gen<'_> {
             },
             2 => ReturnRepr::Ready,
             3 => ReturnRepr::Error {
-                code: ErrorCode::from_u16(u16::from(self.u8() % 7) + 1).expect("a known code"),
+                code: ErrorCode::from_u16(u16::from(self.u8() % 8) + 1).expect("a known code"),
                 detail: self.u64(),
             },
             4 => ReturnRepr::Started,
@@ -1481,7 +1481,7 @@ impl Gen<'_> {
     }
 
     fn code(&mut self) -> ErrorCode {
-        ErrorCode::from_u16(u16::from(self.u8() % 7) + 1).expect("a known code")
+        ErrorCode::from_u16(u16::from(self.u8() % 8) + 1).expect("a known code")
     }
 
     /// Any stream record, valid or not for any layout: every variant, every field.

@@ -21,6 +21,10 @@ pub struct ProbeReport {
     pub memlock_before: u64,
     /// Why the limit could not be raised to unlimited, if it could not.
     pub memlock_error: Option<String>,
+    /// `Ok` when the kernel accepts the TLS upper-layer protocol on a TCP connection (kTLS:
+    /// record protection in the kernel), else why not. Ferry's encrypted channels protect
+    /// records in user space either way; this says whether a kernel path exists.
+    pub ktls: Result<(), String>,
 }
 
 impl ProbeReport {
@@ -160,6 +164,40 @@ fn try_send_fixed(ring: &mut IoUring) -> bool {
     ok
 }
 
+/// Whether a connected loopback TCP socket accepts `setsockopt(TCP_ULP, "tls")`.
+fn try_ktls() -> Result<(), String> {
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no loopback socket: {e}"))?;
+    let addr = l
+        .local_addr()
+        .map_err(|e| format!("no loopback socket: {e}"))?;
+    let c = TcpStream::connect(addr).map_err(|e| format!("no loopback connection: {e}"))?;
+    let _accepted = l.accept();
+    // TCP_ULP (31 in linux/tcp.h; not in every libc crate release).
+    const TCP_ULP: libc::c_int = 31;
+    let name = b"tls";
+    // SAFETY: setsockopt on a socket this function owns, with a pointer to `name` and its
+    // exact length.
+    let rc = unsafe {
+        libc::setsockopt(
+            c.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            TCP_ULP,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "TCP_ULP tls refused: {}",
+            io::Error::last_os_error()
+        ))
+    }
+}
+
 /// Probes the kernel: io_uring present and allowed, `SEND_ZC`, fixed-buffer `SEND`, and the
 /// memory-lock limit (raised to unlimited when allowed).
 pub fn probe() -> ProbeReport {
@@ -175,6 +213,7 @@ pub fn probe() -> ProbeReport {
         memlock,
         memlock_before,
         memlock_error,
+        ktls: try_ktls(),
     };
     match IoUring::new(8) {
         Err(e) => {
@@ -221,6 +260,16 @@ impl core::fmt::Display for ProbeReport {
         if let Some(e) = &self.memlock_error {
             write!(f, " — {e}")?;
         }
-        write!(f, "; fixed buffers at most 1 GiB each")
+        write!(f, "; fixed buffers at most 1 GiB each")?;
+        match &self.ktls {
+            Ok(()) => write!(
+                f,
+                "; kTLS offered (not used yet: TLS records are protected in user space)"
+            ),
+            Err(why) => write!(
+                f,
+                "; no kTLS ({why}): TLS records are protected in user space"
+            ),
+        }
     }
 }

@@ -65,6 +65,9 @@ pub enum ErrorCode {
     Internal = 6,
     /// The operator cancelled the migration.
     Cancelled = 7,
+    /// A protected record failed authentication: it was altered, replayed or reordered on
+    /// the way (TLS).
+    Authentication = 8,
 }
 
 impl ErrorCode {
@@ -78,6 +81,7 @@ impl ErrorCode {
             5 => ErrorCode::Io,
             6 => ErrorCode::Internal,
             7 => ErrorCode::Cancelled,
+            8 => ErrorCode::Authentication,
             _ => return None,
         })
     }
@@ -93,6 +97,9 @@ impl fmt::Display for ErrorCode {
             ErrorCode::Io => "an I/O error occurred on the destination",
             ErrorCode::Internal => "an internal error occurred on the destination",
             ErrorCode::Cancelled => "the migration was cancelled",
+            ErrorCode::Authentication => {
+                "a record failed authentication: it was altered or replayed on the way"
+            }
         })
     }
 }

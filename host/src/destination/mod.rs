@@ -325,6 +325,12 @@ impl DestinationErrorKind {
                     ferry_uring::Error::Refused { .. } | ferry_uring::Error::BufferTooSmall { .. },
                 ..
             } => ErrorCode::Protocol,
+            // Only the TLS record reader reports bytes that do not hold up:
+            // a record that failed authentication.
+            DestinationErrorKind::Transport {
+                source: ferry_uring::Error::Recv { source, .. },
+                ..
+            } if source.kind() == std::io::ErrorKind::InvalidData => ErrorCode::Authentication,
             DestinationErrorKind::Transport {
                 source: ferry_uring::Error::OutOfRange { .. },
                 ..

@@ -652,6 +652,39 @@ impl<'r, 'm> Source<'r, 'm> {
         }
     }
 
+    /// After a sender stopped or a bulk channel failed: the destination may
+    /// have said why on the return path (it sends its error record before it
+    /// closes). Its reason, when it arrives within `within`, is the better
+    /// error; anything else leaves `e` as it is.
+    fn destination_reason(&mut self, e: SourceError, within: Duration) -> SourceError {
+        let bulk_failed = matches!(
+            e,
+            SourceError::SenderStopped
+                | SourceError::Transport {
+                    channel: ChannelRole::Bulk(_),
+                    ..
+                }
+        );
+        if !bulk_failed {
+            return e;
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.returns.recv_timeout(left) {
+                Ok(ReturnMsg::Record(r @ ReturnRepr::Error { .. })) => {
+                    let now = self.elapsed_ns();
+                    return match self.session.handle_return(now, &r) {
+                        Err(said) => self.session_error(said),
+                        Ok(_) => e,
+                    };
+                }
+                Ok(ReturnMsg::Record(_)) => continue,
+                _ => return e,
+            }
+        }
+    }
+
     /// The return path ended: the session fails, and where the guest is
     /// decides the error.
     fn return_path_ended(&mut self, why: ReturnPathEnd) -> SourceError {

@@ -29,6 +29,10 @@ use crate::migration::{
 use crate::postcopy::PostcopyMode;
 use crate::ram::{Ram, RamRegion, PAGE_SIZE};
 
+/// How long a source whose bulk channel failed waits for the destination's
+/// error record, which says why.
+const REASON_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// A bulk sender thread's handle.
 pub(super) type SenderHandle<'s> = ScopedJoinHandle<'s, Result<SenderStats, String>>;
 
@@ -160,7 +164,10 @@ impl<'r, 'm> Source<'r, 'm> {
             let mut senders = spawn_senders(scope, bulk, ram, &neg, cap, &progress);
             let conv = match self.precopy(&mut st, tracker, guest, senders.jobs(), events) {
                 Ok(c) => c,
-                Err(e) => return Err(senders.stop_after(e)),
+                Err(e) => {
+                    let e = senders.stop_after(e);
+                    return Err(self.destination_reason(e, REASON_WAIT));
+                }
             };
             let how = conv.switchover();
             if let Err(source) = guest.pause() {
@@ -591,9 +598,12 @@ impl<'r, 'm> Source<'r, 'm> {
                 .iter()
                 .try_for_each(|j| j.send(Job::End).map_err(stopped_early))
         });
-        let stats = match sent {
-            Ok(()) => senders.stop()?,
-            Err(e) => return Err(senders.stop_after(e)),
+        let stats = match sent.and_then(|()| senders.stop()) {
+            Ok(stats) => stats,
+            Err(e) => {
+                let e = senders.stop_after(e);
+                return Err(self.destination_reason(e, REASON_WAIT));
+            }
         };
         st.report.bytes_sent = stats.bytes;
         st.report.pages_sent = stats.pages;
