@@ -56,6 +56,10 @@ pub(crate) struct Receiver {
     pos: u64,
     strategy: RecvStrategy,
     broken: bool,
+    /// The last payload was read straight into place (hybrid): the next header is read on
+    /// its own too, so that a staged read does not swallow the start of another long
+    /// payload, which would then be copied instead of received in place.
+    after_direct: bool,
 }
 
 impl Receiver {
@@ -67,6 +71,7 @@ impl Receiver {
             pos: 0,
             strategy,
             broken: false,
+            after_direct: false,
         }
     }
 
@@ -147,8 +152,11 @@ impl Receiver {
         let mut header = [0u8; HEADER_LEN];
         let hp = header.as_mut_ptr();
         let mut got = self.take(Some(hp), HEADER_LEN as u64);
+        // After a long payload read in place, nothing is staged: read this header alone.
+        let header_alone =
+            self.strategy == RecvStrategy::Direct || (self.after_direct && self.head == self.tail);
         while got < HEADER_LEN {
-            if self.strategy == RecvStrategy::Direct {
+            if header_alone {
                 // SAFETY: `got < HEADER_LEN`, so the pointer stays inside `header`.
                 let dst = unsafe { hp.add(got) };
                 let want = HEADER_LEN - got;
@@ -209,6 +217,7 @@ impl Receiver {
 
         let at = |done: u64| dst.map(|d| d.wrapping_add(done as usize));
         let mut done = self.take(dst, len) as u64;
+        self.after_direct = false;
         while done < len {
             let rem = len - done;
             let direct = match self.strategy {
@@ -218,6 +227,7 @@ impl Receiver {
             };
             match at(done) {
                 Some(d) if direct => {
+                    self.after_direct = matches!(self.strategy, RecvStrategy::Hybrid { .. });
                     let want = rem.min(MAX_READ as u64) as usize;
                     let n = io
                         .read_full(d, want)
