@@ -5,7 +5,7 @@ CARGO ?= cargo
 FUZZ_SECONDS ?= 600
 
 .PHONY: all prereqs demo test lint unit nostd-proof bench bench-migrate bench-transport bench-postcopy bench-bitmap fuzz clean
-.PHONY: faults
+.PHONY: faults profile
 
 all: test
 
@@ -61,6 +61,15 @@ bench-postcopy: prereqs
 ## bench-bitmap: the bitmap-scan table (GB/s and pages/s beside the three baselines).
 bench-bitmap: prereqs
 	$(CARGO) run --release -p ferry-benches --bin bitmap_table
+
+## profile: where a migration's CPU time goes, per GB moved, at both ends (perf,
+## installed if missing); pass PROFILE_ARGS to ferry demo, e.g.
+## make profile PROFILE_ARGS="--mem 4G --dirty-rate 0 --insecure".
+PROFILE_ARGS ?= --mem 2G --dirty-rate 0
+profile: prereqs
+	@command -v perf >/dev/null 2>&1 || apt-get install -y linux-perf
+	$(CARGO) build --release -p ferry-cli --bin ferry
+	scripts/profile_migration.py $(PROFILE_ARGS)
 
 ## faults: fault-injection trials (connection resets, stalls, killed processes) on
 ## real 64 MiB KVM guest migrations through a fault proxy; pass FAULT_ARGS, e.g.
