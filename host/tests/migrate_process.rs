@@ -4,7 +4,7 @@
 //! the real transports.
 
 mod common;
-use common::{fill, memory, same_bytes, tracker_for, Writer};
+use common::{fill, memory, same_bytes, tracker_for, Starter, Writer};
 
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use ferry_host::destination::{self, DestinationErrorKind};
 use ferry_host::link::{Conn, Connected, Endpoint, Listener};
-use ferry_host::migration::{CallbackError, DeviceSection, GuestStarter, SourceConfig};
+use ferry_host::migration::{DeviceSection, SourceConfig};
 use ferry_host::ram::{Ram, PAGE_SIZE};
 use ferry_host::source::{self, SourceError, SourceLink};
 use ferry_uring::{RecvStrategy, Transport, UringConfig};
@@ -38,18 +38,6 @@ fn migrate_writer(base: usize, len: usize, pages_per_ms: u64, hot_pages: u64) ->
     });
     w.estimate = 64 * 1024;
     w
-}
-
-#[derive(Default)]
-struct Starter {
-    sections: Vec<DeviceSection>,
-}
-
-impl GuestStarter for Starter {
-    fn start(&mut self, sections: &[DeviceSection]) -> Result<(), CallbackError> {
-        self.sections = sections.to_vec();
-        Ok(())
-    }
 }
 
 fn transports() -> Vec<(&'static str, Transport)> {

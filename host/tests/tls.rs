@@ -5,7 +5,7 @@
 //! Each runs a real migration (or the attempt at one) of process memory under writes.
 
 mod common;
-use common::{fill, memory, same_bytes, tracker_for, Writer};
+use common::{fill, memory, same_bytes, tracker_for, Starter, Writer};
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -19,8 +19,8 @@ use ferry_host::link::{
     Acceptor, ChannelRole, Conn, Connected, Connector, Endpoint, LinkError, Listener,
 };
 use ferry_host::memory::MappedMemory;
+use ferry_host::migration::SourceConfig;
 use ferry_host::migration::SourceReport;
-use ferry_host::migration::{CallbackError, DeviceSection, GuestStarter, SourceConfig};
 use ferry_host::ram::Ram;
 use ferry_host::source::{self, SourceError};
 use ferry_host::tls::{
@@ -32,18 +32,6 @@ const MIB: u64 = 1 << 20;
 const GUEST: u64 = 32 * MIB;
 /// A pattern put in guest memory that must never be seen on the wire.
 const SECRET: &[u8; 32] = b"ferry-guest-secret-0123456789abc";
-
-#[derive(Default)]
-struct Starter {
-    sections: Vec<DeviceSection>,
-}
-
-impl GuestStarter for Starter {
-    fn start(&mut self, sections: &[DeviceSection]) -> Result<(), CallbackError> {
-        self.sections = sections.to_vec();
-        Ok(())
-    }
-}
 
 fn psk(id: &str, byte: u8) -> PskKey {
     PskKey {

@@ -68,6 +68,23 @@ pub(crate) fn push_record(
     Ok(())
 }
 
+/// Flattens `records` into `segs` in stream order, their headers copied into `headers`
+/// first (the segments point into it: it must not change until they are sent).
+pub(crate) fn flatten(
+    map: &GuestMap,
+    records: &[OutRecord<'_>],
+    headers: &mut Vec<[u8; HEADER_LEN]>,
+    segs: &mut Vec<Seg>,
+) -> Result<(), Error> {
+    headers.clear();
+    headers.extend(records.iter().map(|r| r.header));
+    segs.clear();
+    for (i, rec) in records.iter().enumerate() {
+        push_record(map, i, rec, headers[i].as_ptr(), segs)?;
+    }
+    Ok(())
+}
+
 /// Number of segments `rec` turns into (an upper bound).
 pub(crate) fn seg_count(rec: &OutRecord<'_>) -> usize {
     match rec.payload {

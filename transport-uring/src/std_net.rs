@@ -9,7 +9,7 @@ use crate::error::Error;
 use crate::memory::{GuestMap, MemRegion};
 use crate::record::{Decoder, OutRecord, Payload, Received, HEADER_LEN};
 use crate::recv::{RawRead, Receiver, RecvStrategy};
-use crate::segments::{from_offset, push_record, Seg};
+use crate::segments::{flatten, from_offset, Seg};
 
 /// Iovecs per `sendmsg`.
 const IOV_MAX: usize = 1024;
@@ -155,13 +155,7 @@ impl Channel for StdChannel {
                     .map_err(|range| Error::SendOutOfRange { index: i, range })?;
             }
         }
-        self.headers.clear();
-        self.headers.extend(records.iter().map(|r| r.header));
-        self.segs.clear();
-        for (i, rec) in records.iter().enumerate() {
-            let hp = self.headers[i].as_ptr();
-            push_record(&self.map, i, rec, hp, &mut self.segs)?;
-        }
+        flatten(&self.map, records, &mut self.headers, &mut self.segs)?;
         let r = self.write_segs();
         self.segs.clear();
         if r.is_err() {

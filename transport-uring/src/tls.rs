@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::memory::{GuestMap, MemRegion};
 use crate::record::{Decoder, OutRecord, Received};
 use crate::recv::{RawRead, Receiver, RecvStrategy};
-use crate::segments::{push_record, Seg};
+use crate::segments::{flatten, Seg};
 
 /// Length of a record header.
 pub const HEADER: usize = 5;
@@ -510,13 +510,7 @@ impl Channel for TlsChannel {
         if self.broken {
             return Err(Error::Broken);
         }
-        self.headers.clear();
-        self.headers.extend(records.iter().map(|r| r.header));
-        self.segs.clear();
-        for (i, rec) in records.iter().enumerate() {
-            let hp = self.headers[i].as_ptr();
-            push_record(&self.map, i, rec, hp, &mut self.segs)?;
-        }
+        flatten(&self.map, records, &mut self.headers, &mut self.segs)?;
         let r = self.send_segs();
         self.segs.clear();
         if r.is_err() {

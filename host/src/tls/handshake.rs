@@ -282,6 +282,32 @@ fn direction(seq: u64, secrets: ConnectionTrafficSecrets) -> Result<Direction, T
     Direction::new(suite, key.as_ref(), iv.as_ref(), seq).map_err(TlsError::Record)
 }
 
+/// Runs the TLS handshake of `tls` on `conn` within `bound`; returns the socket with its
+/// deadline for what follows, and the connection's channel exporter.
+fn shake<'c>(
+    conn: &'c mut Conn,
+    tls: &mut Connection,
+    role: ChannelRole,
+    bound: Duration,
+) -> Result<(Wire<'c>, [u8; 32]), TlsError> {
+    let mut w = Wire {
+        conn,
+        deadline: Instant::now() + bound,
+        bound,
+        role,
+    };
+    w.handshake(tls)?;
+    let chan = exporter(tls, b"EXPORTER-ferry-channel", role)?;
+    Ok((w, chan))
+}
+
+fn rustls_failed(role: ChannelRole) -> impl FnOnce(rustls::Error) -> TlsError {
+    move |source| TlsError::Handshake {
+        channel: role,
+        source,
+    }
+}
+
 /// The source's side of one connection.
 pub fn client(
     conn: &mut Conn,
@@ -292,21 +318,9 @@ pub fn client(
     role: ChannelRole,
     bound: Duration,
 ) -> Result<Done, TlsError> {
-    let mut tls =
-        Connection::from(
-            ClientConnection::new(config, name).map_err(|e| TlsError::Handshake {
-                channel: role,
-                source: e,
-            })?,
-        );
-    let mut w = Wire {
-        conn,
-        deadline: Instant::now() + bound,
-        bound,
-        role,
-    };
-    w.handshake(&mut tls)?;
-    let chan = exporter(&tls, b"EXPORTER-ferry-channel", role)?;
+    let client = ClientConnection::new(config, name).map_err(rustls_failed(role))?;
+    let mut tls = Connection::from(client);
+    let (mut w, chan) = shake(conn, &mut tls, role, bound)?;
     let session = match role {
         ChannelRole::Control => exporter(&tls, b"EXPORTER-ferry-session", role)?,
         _ => session.ok_or(TlsError::NoSession { channel: role })?,
@@ -361,21 +375,9 @@ pub fn server(
     role: ChannelRole,
     bound: Duration,
 ) -> Result<Done, TlsError> {
-    let mut tls =
-        Connection::from(
-            ServerConnection::new(config).map_err(|e| TlsError::Handshake {
-                channel: role,
-                source: e,
-            })?,
-        );
-    let mut w = Wire {
-        conn,
-        deadline: Instant::now() + bound,
-        bound,
-        role,
-    };
-    w.handshake(&mut tls)?;
-    let chan = exporter(&tls, b"EXPORTER-ferry-channel", role)?;
+    let server = ServerConnection::new(config).map_err(rustls_failed(role))?;
+    let mut tls = Connection::from(server);
+    let (mut w, chan) = shake(conn, &mut tls, role, bound)?;
     let mut hello = [0u8; HELLO_LEN];
     w.read_plain(&mut tls, &mut hello, false)?;
     let refuse = |w: &mut Wire<'_>, tls: &mut Connection, v: Verdict, e: TlsError| {

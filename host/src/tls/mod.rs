@@ -724,13 +724,14 @@ impl<A: Acceptor> Acceptor for &TlsAcceptor<A> {
     }
 }
 
+/// Owned, as by reference.
 impl<A: Acceptor> Acceptor for TlsAcceptor<A> {
     fn accept(&mut self, channel: ChannelRole) -> Result<Conn, LinkError> {
-        self.accept_by(channel, None)
+        Acceptor::accept(&mut &*self, channel)
     }
 
     fn accept_within(&mut self, channel: ChannelRole, bound: Duration) -> Result<Conn, LinkError> {
-        self.accept_by(channel, Some(bound))
+        Acceptor::accept_within(&mut &*self, channel, bound)
     }
 
     fn accept_data_within(
@@ -738,8 +739,7 @@ impl<A: Acceptor> Acceptor for TlsAcceptor<A> {
         channel: ChannelRole,
         bound: Duration,
     ) -> Result<DataConn, LinkError> {
-        let (net, done) = self.open(channel, Some(bound))?;
-        Ok(DataConn::protected(net, done.tx, done.rx))
+        Acceptor::accept_data_within(&mut &*self, channel, bound)
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use ferry_host::dirty::{ProcessRegion, UffdWpTracker};
 use ferry_host::memory::{MappedMemory, MemoryOptions};
-use ferry_host::migration::{CallbackError, DeviceSection, GuestControl};
+use ferry_host::migration::{CallbackError, DeviceSection, GuestControl, GuestStarter};
 use ferry_host::ram::PAGE_SIZE;
 
 pub fn memory(size: u64) -> MappedMemory {
@@ -63,6 +63,19 @@ pub fn same_bytes(a: &MappedMemory, b: &MappedMemory) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The destination "guest": keeps the device sections it was started with.
+#[derive(Default)]
+pub struct Starter {
+    pub sections: Vec<DeviceSection>,
+}
+
+impl GuestStarter for Starter {
+    fn start(&mut self, sections: &[DeviceSection]) -> Result<(), CallbackError> {
+        self.sections = sections.to_vec();
+        Ok(())
+    }
 }
 
 /// The source "guest": rewrites random pages of a hot set until paused.
