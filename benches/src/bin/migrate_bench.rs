@@ -12,7 +12,8 @@
 //! Migrations run in clear text (`--insecure`) unless `--tls` is given: then
 //! each configuration runs twice, in clear text and encrypted (TLS 1.3 with
 //! mutual x509, the demo's throw-away CA), and the table adds the encrypted
-//! run's throughput as a share of the clear-text one.
+//! run's throughput as a share of the clear-text one. With `--postcopy --tls` the two runs of
+//! a configuration are into memfd RAM, in clear text and encrypted (`memfd-tls`).
 //!
 //! Each configuration runs `--runs` times; the table shows medians (and the
 //! worst downtime, since the limit is a ceiling that no run may cross).
@@ -131,7 +132,8 @@ fn main() {
         .collect();
     let tls = args.iter().any(|a| a == "--tls");
     let variants: &[&str] = match (postcopy, tls) {
-        (true, _) => &["memfd", "anonymous"],
+        (true, true) => &["memfd", "memfd-tls"],
+        (true, false) => &["memfd", "anonymous"],
         (false, true) => &["plain", "tls"],
         (false, false) => &["plain"],
     };
@@ -240,7 +242,7 @@ fn run_config(
         if variant == "anonymous" {
             cmd.arg("--anonymous");
         }
-        if variant != "tls" {
+        if !variant.ends_with("tls") {
             cmd.arg("--insecure");
         }
         let r: Option<Value> = cmd
@@ -281,8 +283,9 @@ fn run_config(
         "guest_bytes": size,
         "dirty_rate": rate,
         "channels": chans,
-        "ram": variant,
-        "link": if variant == "tls" { "tls" } else { "plain" },
+        "ram": variant.trim_end_matches("-tls"),
+        "variant": variant,
+        "link": if variant.ends_with("tls") { "tls" } else { "plain" },
         "runs": runs,
         "failures": failures,
         "verify_mismatches": mismatches,
@@ -355,7 +358,7 @@ fn print_precopy(rows: &[Value], runs: usize) {
 }
 
 fn print_postcopy(rows: &[Value], runs: usize) {
-    println!("Postcopy after the first pass, `ferry demo --postcopy` (io_uring), medians of {runs} runs; the baseline is the same migration into anonymous RAM");
+    println!("Postcopy after the first pass, `ferry demo --postcopy` (io_uring), medians of {runs} runs; each row's baseline is the one above it: into anonymous RAM, or (memfd-tls) in clear text");
     println!(
         "{:>6} {:>9} {:>5} {:>10} {:>9} {:>12} {:>9} {:>9} {:>9} {:>10} {:>8} {:>6}",
         "guest",
@@ -377,7 +380,7 @@ fn print_postcopy(rows: &[Value], runs: usize) {
             r["guest_bytes"].as_u64().unwrap_or(0) >> 30,
             r["dirty_rate"].as_u64().unwrap_or(0) >> 20,
             r["channels"],
-            r["ram"].as_str().unwrap_or(""),
+            r["variant"].as_str().unwrap_or(""),
             f(r, "total_s_median"),
             f(r, "downtime_ms_median"),
             f(r, "downtime_ms_max"),
