@@ -53,8 +53,14 @@ fn a_kvm_guest_migrates_while_dirtying_and_verifies_on_the_destination() {
     if !kvm_present() {
         return;
     }
-    for transport in ["uring", "std"] {
-        let r = demo(&[
+    // Both clear-text transports, and the default: encrypted (the TLS record
+    // channel carries the pages, whatever --transport says).
+    for (transport, link, named) in [
+        ("uring", "--insecure", "io_uring x1"),
+        ("std", "--insecure", "std x1"),
+        ("uring", "", "tls x1"),
+    ] {
+        let mut args = vec![
             "--mem",
             "256M",
             "--dirty-rate",
@@ -63,8 +69,11 @@ fn a_kvm_guest_migrates_while_dirtying_and_verifies_on_the_destination() {
             "2",
             "--transport",
             transport,
-        ]);
+        ];
+        args.extend([link].into_iter().filter(|a| !a.is_empty()));
+        let r = demo(&args);
         assert_eq!(r["ok"], true, "{r:#}");
+        assert_eq!(r["source"]["transport"], named, "{r:#}");
         let d = &r["destination"];
         assert_eq!(d["verify_mismatches"], 0, "{r:#}");
         assert_eq!(

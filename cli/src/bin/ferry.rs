@@ -288,7 +288,8 @@ struct MigrateArgs {
     /// Bulk channels.
     #[arg(long, default_value_t = 1)]
     channels: usize,
-    /// Transport.
+    /// Transport of the bulk channels in clear text (encrypted ones carry
+    /// TLS records on their own sends and receives; control uses it either way).
     #[arg(long, value_enum, default_value = "uring")]
     transport: TransportArg,
     /// Give up when the migration has not converged after this many seconds.
@@ -354,7 +355,8 @@ struct ReceiveArgs {
     listen: String,
     #[command(flatten)]
     guest: GuestArgs,
-    /// Transport.
+    /// Transport of the bulk channels in clear text (encrypted ones carry
+    /// TLS records on their own sends and receives; control uses it either way).
     #[arg(long, value_enum, default_value = "uring")]
     transport: TransportArg,
     /// Let the guest run this long on this side before it verifies its memory.

@@ -612,7 +612,10 @@ impl<'r, 'm> Source<'r, 'm> {
             None
         };
         let (returns, _reader) = link::spawn_return_reader(ret_conn, ret_dec);
-        let transport_name = format!("{} x{}", ctl.name(), n_bulk);
+        // The bulk channels carry the pages: theirs is the transport to name
+        // (with TLS they are record channels while control is relayed).
+        let data = bulk.first().map_or_else(|| ctl.name(), |b| b.name());
+        let transport_name = format!("{data} x{n_bulk}");
         Ok(Source {
             ram,
             config,
