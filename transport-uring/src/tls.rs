@@ -350,6 +350,17 @@ impl RecordReader {
         }
     }
 
+    /// Reads plaintext into `buf` (at most what is left of one record); 0 at the end of the
+    /// stream.
+    pub fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.copy_out(buf.as_mut_ptr(), buf.len())
+    }
+
+    /// Whether the stream ended with the peer's `close_notify` (not cut between records).
+    pub fn closed(&self) -> bool {
+        self.closed
+    }
+
     /// Copies up to `len` bytes of plaintext to `dst`, opening a record when none is left;
     /// 0 at the end of the stream.
     fn copy_out(&mut self, dst: *mut u8, len: usize) -> io::Result<usize> {

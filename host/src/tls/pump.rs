@@ -17,7 +17,7 @@ use std::thread;
 
 use crate::link::Conn;
 use ferry_uring::tls::{
-    send_all, Direction, Opened, RecordError, HEADER, MAX_BODY, MAX_PLAINTEXT, TAG,
+    send_all, Direction, RecordError, RecordReader, HEADER, MAX_PLAINTEXT, TAG,
 };
 
 /// Plaintext read from the migration side per batch of records.
@@ -57,22 +57,6 @@ fn recv_some(fd: i32, buf: &mut [u8]) -> io::Result<usize> {
             return Err(e);
         }
     }
-}
-
-/// Reads exactly `buf.len()` bytes; `Ok(false)` at end of stream before the first byte.
-fn recv_exact(fd: i32, buf: &mut [u8]) -> io::Result<bool> {
-    let mut done = 0;
-    while done < buf.len() {
-        let n = recv_some(fd, &mut buf[done..])?;
-        if n == 0 {
-            if done == 0 {
-                return Ok(false);
-            }
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        done += n;
-    }
-    Ok(true)
 }
 
 /// Starts the relay for `net`, whose handshake gave `tx` and `rx`; returns the plain stream
@@ -144,10 +128,12 @@ fn outbound(local: UnixStream, net: Conn, mut tx: Direction, fault: Fault) {
     }
 }
 
-/// Network to migration side: read whole records, open them in place, pass the plaintext on.
-fn inbound(net: Conn, local: UnixStream, mut rx: Direction, fault: Fault) {
-    let (nfd, lfd) = (net.fd(), local.as_raw_fd());
-    let mut body = vec![0u8; MAX_BODY];
+/// Network to migration side: the record reader opens what arrives (read in large chunks)
+/// and its plaintext is passed on.
+fn inbound(net: Conn, local: UnixStream, rx: Direction, fault: Fault) {
+    let lfd = local.as_raw_fd();
+    let mut reader = RecordReader::new(net.fd(), rx);
+    let mut plain = vec![0u8; MAX_PLAINTEXT];
     let fail = |e: Option<RecordError>| {
         if let Some(e) = e {
             keep(&fault, e);
@@ -156,33 +142,27 @@ fn inbound(net: Conn, local: UnixStream, mut rx: Direction, fault: Fault) {
         let _ = local.shutdown(std::net::Shutdown::Both);
     };
     loop {
-        let mut header = [0u8; HEADER];
-        match recv_exact(nfd, &mut header) {
+        match reader.read(&mut plain) {
+            Ok(0) if reader.closed() => {
+                let _ = local.shutdown(std::net::Shutdown::Write);
+                return;
+            }
             // End of stream without close_notify: a cut, not an orderly end.
-            Ok(false) | Err(_) => return fail(None),
-            Ok(true) => {}
-        }
-        let len = match Direction::body_len(&header) {
-            Ok(len) => len,
-            Err(e) => return fail(Some(e)),
-        };
-        match recv_exact(nfd, &mut body[..len]) {
-            Ok(true) => {}
-            _ => return fail(None),
-        }
-        match rx.open(&header, &mut body[..len]) {
-            Ok(Opened::Data(n)) => {
-                if send_all(lfd, &body[..n]).is_err() {
+            Ok(0) => return fail(None),
+            Ok(n) => {
+                if send_all(lfd, &plain[..n]).is_err() {
                     // The migration side is gone.
                     let _ = net.shutdown();
                     return;
                 }
             }
-            Ok(Opened::CloseNotify) => {
-                let _ = local.shutdown(std::net::Shutdown::Write);
-                return;
+            Err(e) => {
+                let cause = e
+                    .get_ref()
+                    .and_then(|i| i.downcast_ref::<RecordError>())
+                    .cloned();
+                return fail(cause);
             }
-            Err(e) => return fail(Some(e)),
         }
     }
 }
