@@ -263,7 +263,11 @@ impl Pair {
             SrcStep::Finish => {
                 let cut = self.cut_down();
                 self.src.drain_for_test(now, &mut self.down, cut);
-                if self.switchover != Switchover::PostcopyRam {
+                if self.switchover == Switchover::PostcopyRam {
+                    // After the listen marker: the pages dirtied since they
+                    // were sent, for the destination to drop.
+                    self.send_down(Down::Record(DISCARD_MAP));
+                } else {
                     self.src
                         .check_device_bytes(u64::from(self.section_len))
                         .expect("fits");
@@ -461,6 +465,146 @@ fn precopy_completes_on_started() {
 fn postcopy_ram_completes_on_the_final_ready() {
     let p = clean_run(Switchover::PostcopyRam);
     assert!(p.trace.iter().any(|t| t == "src -> PostcopyListen"));
+}
+
+/// A discard map the source sends at a postcopy-RAM switchover.
+const DISCARD_MAP: Repr = Repr::DiscardMap {
+    region: 0,
+    first: 64,
+    count: 128,
+};
+
+/// A destination past the hello (asking for postcopy of RAM when
+/// `postcopy_ram`), with the accept handed out.
+fn receiving(postcopy_ram: bool) -> DestinationSession {
+    let mut d = DestinationSession::new(0, Timeouts::DEFAULT, LIMITS);
+    d.accept_hello(0, 2, postcopy_ram).unwrap();
+    assert!(matches!(
+        d.poll_transmit(),
+        Some(DestinationControl::Accept(..))
+    ));
+    d
+}
+
+/// Checks that `d` refused a discard map in `state` as a protocol error,
+/// failed, and tells the source.
+fn refused_discard_map(
+    d: &mut DestinationSession,
+    now: u64,
+    state: &'static str,
+    custody: Custody,
+) {
+    let e = d.handle_record(now, &DISCARD_MAP).unwrap_err();
+    assert_eq!(e.failure, Failure::Protocol { kind: 0x0b, state });
+    assert_eq!(e.custody, custody);
+    assert_eq!(d.failure(), Some(e), "the session failed");
+    assert!(d.is_ended());
+    assert!(std::iter::from_fn(|| d.poll_event()).any(|ev| ev == DestinationEvent::Failed(e)));
+    assert_eq!(
+        std::iter::from_fn(|| d.poll_transmit()).last(),
+        Some(DestinationControl::Error(ErrorCode::Protocol))
+    );
+}
+
+#[test]
+fn discard_map_accepted_after_postcopy_listen_before_the_end() {
+    let mut d = receiving(true);
+    d.handle_record(1, &Repr::PostcopyListen).unwrap();
+    d.handle_record(2, &DISCARD_MAP).unwrap();
+    // The map may come in several chunks, and page runs still arrive.
+    d.handle_record(
+        3,
+        &Repr::DiscardMap {
+            region: 1,
+            first: 0,
+            count: 1,
+        },
+    )
+    .unwrap();
+    d.handle_record(
+        4,
+        &Repr::PageRun {
+            region: 0,
+            first: 0,
+            count: 1,
+            requested: false,
+            paused: false,
+        },
+    )
+    .unwrap();
+    assert!(d.failure().is_none());
+    d.handle_record(5, &Repr::End).unwrap();
+    assert_eq!(d.mode(), ferry_core::session::Mode::Ram);
+    assert_eq!(d.poll_event(), Some(DestinationEvent::CheckComplete));
+}
+
+#[test]
+fn discard_map_before_postcopy_listen_is_refused() {
+    let mut d = receiving(true);
+    refused_discard_map(&mut d, 1, "receiving", Custody::Released);
+    // Without postcopy of RAM, before any marker.
+    let mut d = receiving(false);
+    refused_discard_map(&mut d, 1, "receiving", Custody::Released);
+}
+
+#[test]
+fn discard_map_outside_postcopy_ram_is_refused() {
+    // Postcopy of sections: stop-and-copy, then listen.
+    for postcopy_ram in [false, true] {
+        let mut d = receiving(postcopy_ram);
+        d.handle_record(1, &Repr::StopAndCopy).unwrap();
+        d.handle_record(2, &Repr::PostcopyListen).unwrap();
+        refused_discard_map(&mut d, 3, "receiving", Custody::Released);
+    }
+    // Precopy: stop-and-copy only.
+    let mut d = receiving(true);
+    d.handle_record(1, &Repr::StopAndCopy).unwrap();
+    refused_discard_map(&mut d, 2, "receiving", Custody::Released);
+}
+
+#[test]
+fn discard_map_after_the_end_is_refused() {
+    let mut d = receiving(true);
+    d.handle_record(1, &Repr::PostcopyListen).unwrap();
+    d.handle_record(2, &Repr::End).unwrap();
+    refused_discard_map(&mut d, 3, "verifying", Custody::Released);
+    // Ready sent, go awaited.
+    let mut d = receiving(true);
+    d.handle_record(1, &Repr::PostcopyListen).unwrap();
+    d.handle_record(2, &Repr::End).unwrap();
+    d.handle_completeness(
+        3,
+        Completeness {
+            missing_pages: 60,
+            ..Completeness::default()
+        },
+    )
+    .unwrap();
+    refused_discard_map(&mut d, 4, "awaiting go", Custody::Released);
+}
+
+#[test]
+fn discard_map_after_go_is_refused() {
+    let mut d = receiving(true);
+    d.handle_record(1, &Repr::PostcopyListen).unwrap();
+    d.handle_record(2, &DISCARD_MAP).unwrap();
+    d.handle_record(3, &Repr::End).unwrap();
+    d.handle_completeness(
+        4,
+        Completeness {
+            missing_pages: 60,
+            ..Completeness::default()
+        },
+    )
+    .unwrap();
+    d.handle_record(5, &Repr::Go).unwrap();
+    // Go arrived, the guest not started yet.
+    let mut starting = d.clone();
+    refused_discard_map(&mut starting, 6, "starting", Custody::Released);
+    // The guest runs here in postcopy: its vCPUs wait on the missing pages.
+    d.guest_started(6).unwrap();
+    d.handle_record(7, &Repr::PostcopyRun).unwrap();
+    refused_discard_map(&mut d, 8, "postcopy", Custody::Holds);
 }
 
 #[test]

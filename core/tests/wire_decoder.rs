@@ -45,6 +45,8 @@ struct Model {
     postcopy_sections: Vec<u8>,
     zeroed: Vec<(u16, u64, u32)>,
     discarded: Vec<(u16, u64, u32)>,
+    /// Each region's discard bitmap (one bit per page, whole 64-bit words).
+    discard_maps: Vec<Vec<u8>>,
     markers: Vec<Repr>,
     torn: Vec<Record>,
     complete: usize,
@@ -58,6 +60,7 @@ impl Model {
             postcopy_sections: vec![0; 256],
             zeroed: vec![],
             discarded: vec![],
+            discard_maps: vec![vec![0; 8], vec![0; 8]],
             markers: vec![],
             torn: vec![],
             complete: 0,
@@ -66,6 +69,10 @@ impl Model {
 
     fn region(&mut self, id: u16) -> &mut Vec<u8> {
         &mut self.ram[if id == 0 { 0 } else { 1 }]
+    }
+
+    fn discard_map(&mut self, id: u16) -> &mut Vec<u8> {
+        &mut self.discard_maps[if id == 0 { 0 } else { 1 }]
     }
 
     fn apply(&mut self, ev: Event<'_>) {
@@ -89,6 +96,10 @@ impl Model {
                     };
                     buf[o..o + bytes.len()].copy_from_slice(bytes);
                 }
+                Dest::DiscardMap { region, offset } => {
+                    let o = offset as usize;
+                    self.discard_map(region)[o..o + bytes.len()].copy_from_slice(bytes);
+                }
             },
             Event::Complete(r) => {
                 self.complete += 1;
@@ -103,7 +114,10 @@ impl Model {
                         first,
                         count,
                     } => self.discarded.push((region, first, count)),
-                    Repr::PageRun { .. } | Repr::Section { .. } | Repr::PostcopySection { .. } => {}
+                    Repr::PageRun { .. }
+                    | Repr::Section { .. }
+                    | Repr::PostcopySection { .. }
+                    | Repr::DiscardMap { .. } => {}
                     m => self.markers.push(m),
                 }
             }
@@ -117,6 +131,9 @@ fn page(fill: u8) -> Vec<u8> {
         .map(|i| fill ^ (i as u8).wrapping_mul(7))
         .collect()
 }
+
+/// The discard map of region 0 in [`build`]: pages 0..4 and 60..64.
+const DISCARD_MAP: u64 = 0xf000_0000_0000_000f;
 
 /// A stream of every record kind; returns it with the records' payloads.
 fn build(neg: &Negotiated, tear: Option<usize>) -> Vec<u8> {
@@ -171,6 +188,14 @@ fn build(neg: &Negotiated, tear: Option<usize>) -> Vec<u8> {
             vec![],
         ),
         (Repr::PostcopyListen, vec![]),
+        (
+            Repr::DiscardMap {
+                region: 0,
+                first: 0,
+                count: 64,
+            },
+            DISCARD_MAP.to_le_bytes().to_vec(),
+        ),
         (Repr::PostcopyRun, vec![]),
         (Repr::Go, vec![]),
         (
@@ -206,6 +231,8 @@ fn check_model(m: &Model) {
     assert_eq!(&m.postcopy_sections[..3], &[0xaa, 0xbb, 0xcc]);
     assert_eq!(m.zeroed, vec![(9, 0, 16)]);
     assert_eq!(m.discarded, vec![(0, 60, 4)]);
+    assert_eq!(m.discard_maps[0], DISCARD_MAP.to_le_bytes());
+    assert_eq!(m.discard_maps[1], [0; 8]);
     assert_eq!(
         m.markers,
         vec![
@@ -216,7 +243,7 @@ fn check_model(m: &Model) {
             Repr::End
         ]
     );
-    assert_eq!(m.complete, 11);
+    assert_eq!(m.complete, 12);
 }
 
 /// Feeds `stream` in pieces of the given sizes (cycled).
@@ -294,7 +321,7 @@ fn torn_page_is_reported_and_decoding_goes_on() {
     assert_eq!(m.torn[0].seq, 4);
     // Everything after it still arrived.
     assert_eq!(m.markers.last(), Some(&Repr::End));
-    assert_eq!(m.complete, 10);
+    assert_eq!(m.complete, 11);
 }
 
 #[test]
@@ -394,6 +421,100 @@ fn accept_in_place_outside_a_payload_takes_nothing() {
     let mut dec = StreamDecoder::new(neg(true));
     assert_eq!(dec.accept_in_place(&[1, 2, 3]), 0);
     assert_eq!(dec.offset(), 0);
+}
+
+/// A discard map over pages 128..428 of a 1024-page region: its 40-byte bitmap
+/// arrives as `Dest::DiscardMap` pieces at bitmap bytes 16..56, whatever the split.
+#[test]
+fn discard_map_payload_goes_to_the_region_bitmap() {
+    let layout = Layout::new(
+        PAGE,
+        &[Region {
+            id: 5,
+            gpa: 0,
+            size: 1024 * 4096,
+        }],
+    )
+    .unwrap();
+    let caps = Capabilities {
+        postcopy_ram: true,
+        postcopy_only_sections: false,
+        payload_checksums: true,
+        channels: 1,
+    };
+    let n = Negotiated::new(layout, caps);
+    let map = Repr::DiscardMap {
+        region: 5,
+        first: 128,
+        count: 300,
+    };
+    // Pages to drop: 128, 191, 192, 300 and 427 (the last one covered).
+    let dropped = [128u64, 191, 192, 300, 427];
+    let mut words = [0u64; 5];
+    for p in dropped {
+        let i = (p - 128) as usize;
+        words[i / 64] |= 1 << (i % 64);
+    }
+    let payload: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    assert_eq!(payload.len(), 40);
+
+    let mut enc = StreamEncoder::new(&n);
+    let mut stream = Vec::new();
+    for (repr, body) in [
+        (Repr::PostcopyListen, &[][..]),
+        (map, &payload[..]),
+        (Repr::End, &[][..]),
+    ] {
+        let mut head = [0u8; HEADER_LEN];
+        enc.encode(&repr, body, &mut head).unwrap();
+        stream.extend_from_slice(&head);
+        stream.extend_from_slice(body);
+    }
+
+    for size in [1usize, 3, 7, 31, 33, stream.len()] {
+        let mut dec = StreamDecoder::new(n);
+        let mut bitmap = [0u8; 1024 / 8];
+        let mut next = None;
+        let mut header = None;
+        for piece in stream.chunks(size) {
+            let mut input = piece;
+            loop {
+                let st = dec.step(input).unwrap();
+                input = &input[st.consumed..];
+                match st.event {
+                    Some(Event::Header(r)) if r.repr == map => {
+                        assert_eq!(r.payload_len, 40);
+                        header = Some(r);
+                        next = Some(16);
+                    }
+                    Some(Event::Payload { dest, bytes, .. }) => {
+                        let Dest::DiscardMap { region, offset } = dest else {
+                            panic!("{dest:?} for a discard map");
+                        };
+                        assert_eq!(region, 5);
+                        assert_eq!(Some(offset), next, "pieces are contiguous");
+                        let o = offset as usize;
+                        bitmap[o..o + bytes.len()].copy_from_slice(bytes);
+                        next = Some(offset + bytes.len() as u64);
+                    }
+                    Some(Event::Complete(r)) if r.repr == map => {
+                        assert_eq!(next, Some(56), "the whole bitmap arrived");
+                    }
+                    Some(Event::Torn { record, .. }) => panic!("{record:?} torn"),
+                    Some(_) => {}
+                    None if st.consumed == 0 => break,
+                    None => {}
+                }
+            }
+        }
+        dec.finish().unwrap();
+        assert!(header.is_some(), "size {size}");
+        assert_eq!(&bitmap[16..56], &payload[..], "size {size}");
+        let set: Vec<u64> = (0..1024u64)
+            .filter(|&p| bitmap[(p / 8) as usize] & (1 << (p % 8)) != 0)
+            .collect();
+        assert_eq!(set, dropped, "size {size}");
+    }
 }
 
 #[test]

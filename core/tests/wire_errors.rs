@@ -6,8 +6,8 @@
 use ferry_core::wire::{
     Capabilities, Cause, DecodeError, EmitError, Field, HandshakeError, Header, Hello, Layout,
     LayoutError, LayoutMismatch, Negotiated, Region, Repr, ReturnDecoder, ReturnRepr,
-    StreamDecoder, StreamEncoder, HEADER_LEN, MAX_HELLO_LEN, MAX_REGIONS, MAX_RUN_PAGES,
-    MAX_SECTION_CHUNK,
+    StreamDecoder, StreamEncoder, HEADER_LEN, MAX_DISCARD_MAP_PAGES, MAX_HELLO_LEN, MAX_REGIONS,
+    MAX_RUN_PAGES, MAX_SECTION_CHUNK,
 };
 
 const PAGE: u32 = 4096;
@@ -125,7 +125,7 @@ fn header_checksum_of_crc_field() {
 
 #[test]
 fn unknown_kind() {
-    for kind in [0x00, 0x0b, 0x20, 0x81, 0xff] {
+    for kind in [0x00, 0x0c, 0x20, 0x81, 0xff] {
         let e = refused(&raw(kind, 0, 0, 0, 0, 0, 0, 1));
         assert_eq!((e.cause, e.kind, e.seq), (Cause::UnknownKind, kind, 1));
     }
@@ -150,7 +150,7 @@ fn unknown_flags() {
 #[test]
 fn not_negotiated() {
     let plain = Negotiated::new(layout(), caps(true, false));
-    for kind in [0x04, 0x07, 0x08] {
+    for kind in [0x04, 0x07, 0x08, 0x0b] {
         let e = refused_with(plain, &raw(kind, 0, 0, 0, 0, 0, 0, 1));
         assert_eq!(e.cause, Cause::NotNegotiated, "kind {kind:#x}");
     }
@@ -205,6 +205,15 @@ fn zero_count() {
     assert_eq!(cause(&raw(0x01, 0, 0, 0, 0, 0, 0, 1)), Cause::ZeroCount);
     assert_eq!(cause(&raw(0x02, 0, 0, 0, 0, 0, 0, 1)), Cause::ZeroCount);
     assert_eq!(cause(&raw(0x05, 0, 0, 0, 0, 0, 0, 1)), Cause::ZeroCount);
+    assert_eq!(cause(&raw(0x0b, 0, 0, 0, 0, 0, 0, 1)), Cause::ZeroCount);
+}
+
+#[test]
+fn misaligned_discard_map() {
+    let e = refused(&raw(0x0b, 0, 0, 64, 32, 8, 0, 1));
+    assert_eq!((e.cause, e.kind), (Cause::Misaligned { first: 32 }, 0x0b));
+    let msg = e.to_string();
+    assert!(msg.contains("not a multiple of 64"), "{msg}");
 }
 
 #[test]
@@ -215,6 +224,14 @@ fn count_too_large() {
         Cause::CountTooLarge {
             count: n,
             max: MAX_RUN_PAGES
+        }
+    );
+    let n = MAX_DISCARD_MAP_PAGES + 1;
+    assert_eq!(
+        cause(&raw(0x0b, 0, 0, n, 0, 0, 0, 1)),
+        Cause::CountTooLarge {
+            count: n,
+            max: MAX_DISCARD_MAP_PAGES
         }
     );
 }

@@ -3,8 +3,9 @@
 #![allow(clippy::unwrap_used, clippy::panic, missing_docs)]
 
 use ferry_core::wire::{
-    decode_header, payload_crc, Capabilities, ErrorCode, Header, Hello, Layout, Negotiated,
-    RecordHeader, Region, Repr, ReturnRepr, StreamEncoder, StreamKind, HEADER_LEN,
+    decode_header, discard_map_bytes, payload_crc, Capabilities, Cause, ErrorCode, Header, Hello,
+    Layout, Negotiated, RecordHeader, Region, Repr, ReturnRepr, StreamEncoder, StreamKind,
+    HEADER_LEN, MAX_DISCARD_MAP_PAGES,
 };
 use zerocopy::FromBytes;
 
@@ -185,6 +186,26 @@ const END: [u8; HEADER_LEN] = [
     0x5f, 0x85, 0x09, 0xe1, // header_crc
 ];
 
+/// Discard map: region 1, pages 0x40..0xa4 (two words: pages 0x40, 0x7f and
+/// 0x80..0x84 to drop), seq 11.
+const DISCARD_MAP: [u8; HEADER_LEN] = [
+    0x0b, // kind
+    0x00, // flags
+    0x01, 0x00, // id
+    0x64, 0x00, 0x00, 0x00, // count
+    0x40, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // first
+    0x10, 0x00, 0x00, 0x00, // payload_len
+    0x27, 0xc8, 0xa6, 0xfd, // payload_crc
+    0x0b, 0x00, 0x00, 0x00, // seq
+    0x76, 0xb2, 0x51, 0x44, // header_crc
+];
+
+/// The payload of [`DISCARD_MAP`]: little-endian words, bit `i` is page `0x40 + i`.
+const DISCARD_MAP_PAYLOAD: [u8; 16] = [
+    0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x80, // pages 0x40 and 0x7f
+    0x0f, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // pages 0x80..0x84
+];
+
 /// Return path: page request, region 0 page 0x1234, seq 0.
 const RET_PAGE_REQUEST: [u8; HEADER_LEN] = [
     0x81, // kind
@@ -343,6 +364,15 @@ fn stream_cases() -> Vec<([u8; HEADER_LEN], Repr, Vec<u8>)> {
         (POSTCOPY_RUN, Repr::PostcopyRun, vec![]),
         (GO, Repr::Go, vec![]),
         (END, Repr::End, vec![]),
+        (
+            DISCARD_MAP,
+            Repr::DiscardMap {
+                region: 1,
+                first: 0x40,
+                count: 100,
+            },
+            DISCARD_MAP_PAYLOAD.to_vec(),
+        ),
     ]
 }
 
@@ -424,6 +454,222 @@ fn header_view_writes_every_field() {
 fn header_view_refuses_short_buffer() {
     assert_eq!(Header::new_checked(&PAGE_RUN[..31]).unwrap_err(), 31);
     assert_eq!(Header::new_checked(&[][..]).unwrap_err(), 0);
+}
+
+#[test]
+fn discard_map_header_reads_from_literal_bytes() {
+    let h = Header::new_checked(&DISCARD_MAP[..]).unwrap();
+    assert_eq!(h.kind(), StreamKind::DiscardMap as u8);
+    assert_eq!(StreamKind::from_u8(0x0b), Some(StreamKind::DiscardMap));
+    assert_eq!(h.flags(), 0);
+    assert_eq!(h.id(), 1);
+    assert_eq!(h.count(), 100);
+    assert_eq!(h.first(), 0x40);
+    assert_eq!(h.payload_len(), 16);
+    assert_eq!(h.payload_crc(), payload_crc(&DISCARD_MAP_PAYLOAD));
+    assert_eq!(h.seq(), 11);
+    assert!(h.header_crc_ok());
+    let rec = decode_header(&DISCARD_MAP, &neg(), 0).unwrap();
+    assert_eq!(
+        rec.repr,
+        Repr::DiscardMap {
+            region: 1,
+            first: 0x40,
+            count: 100
+        }
+    );
+    // A discard map is not a page run: its payload is no guest RAM.
+    assert_eq!(rec.page_run(), None);
+    assert_eq!(rec.ram_dest(&neg()), None);
+}
+
+/// A layout with a region large enough for the longest discard map.
+fn large_neg() -> Negotiated {
+    let pages = u64::from(MAX_DISCARD_MAP_PAGES) + 64;
+    let layout = Layout::new(
+        PAGE,
+        &[Region {
+            id: 0,
+            gpa: 0,
+            size: pages * u64::from(PAGE),
+        }],
+    )
+    .unwrap();
+    Negotiated::new(layout, caps())
+}
+
+#[test]
+fn discard_map_round_trips() {
+    let big = u64::from(MAX_DISCARD_MAP_PAGES) / 8;
+    for (neg, region, first, count, words) in [
+        (neg(), 0, 0, 1, 1),
+        (neg(), 0, 64, 64, 1),
+        (neg(), 1, 128, 65, 2),
+        (neg(), 1, 0x3fc0, 64, 1),
+        (neg(), 1, 0, 16384, 256),
+        (large_neg(), 0, 0, MAX_DISCARD_MAP_PAGES, big / 8),
+        (large_neg(), 0, 64, MAX_DISCARD_MAP_PAGES, big / 8),
+    ] {
+        let repr = Repr::DiscardMap {
+            region,
+            first,
+            count,
+        };
+        assert_eq!(repr.check(&neg), Ok(()), "{repr:?}");
+        assert_eq!(repr.payload_len(PAGE), words * 8, "{repr:?}");
+        assert_eq!(discard_map_bytes(count), words * 8);
+        let mut out = [0u8; HEADER_LEN];
+        repr.emit(PAGE, 3, 0x1234_5678, &mut out).unwrap();
+        assert_eq!(out[0], 0x0b);
+        assert_eq!(&out[16..20], &((words * 8) as u32).to_le_bytes());
+        let rec = decode_header(&out, &neg, 0).unwrap();
+        assert_eq!(rec.repr, repr);
+        assert_eq!(rec.seq, 3);
+        assert_eq!(u64::from(rec.payload_len), words * 8);
+        assert_eq!(rec.payload_crc, 0x1234_5678);
+    }
+}
+
+/// The header of a discard map, emitted without validation.
+fn discard_map(region: u16, first: u64, count: u32) -> [u8; HEADER_LEN] {
+    let mut out = [0u8; HEADER_LEN];
+    Repr::DiscardMap {
+        region,
+        first,
+        count,
+    }
+    .emit(PAGE, 0, 1, &mut out)
+    .unwrap();
+    out
+}
+
+fn refusal(bytes: &[u8; HEADER_LEN], neg: &Negotiated) -> Cause {
+    let e = decode_header(bytes, neg, 64).unwrap_err();
+    assert_eq!((e.offset, e.kind), (64, 0x0b));
+    e.cause
+}
+
+#[test]
+fn discard_map_refusals() {
+    let neg = neg();
+    // Region 1 has 16384 pages.
+    for (bytes, cause) in [
+        (discard_map(1, 1, 64), Cause::Misaligned { first: 1 }),
+        (discard_map(1, 32, 1), Cause::Misaligned { first: 32 }),
+        (
+            // Alignment is checked before the count.
+            discard_map(1, 65, MAX_DISCARD_MAP_PAGES + 1),
+            Cause::Misaligned { first: 65 },
+        ),
+        (
+            discard_map(1, u64::MAX, 1),
+            Cause::Misaligned { first: u64::MAX },
+        ),
+        (discard_map(1, 0, 0), Cause::ZeroCount),
+        (discard_map(1, 64, 0), Cause::ZeroCount),
+        (
+            discard_map(0, 0, MAX_DISCARD_MAP_PAGES + 1),
+            Cause::CountTooLarge {
+                count: MAX_DISCARD_MAP_PAGES + 1,
+                max: MAX_DISCARD_MAP_PAGES,
+            },
+        ),
+        (
+            discard_map(0, 0, u32::MAX),
+            Cause::CountTooLarge {
+                count: u32::MAX,
+                max: MAX_DISCARD_MAP_PAGES,
+            },
+        ),
+        (
+            discard_map(1, 16384 - 64, 65),
+            Cause::OutOfRegion {
+                first: 16384 - 64,
+                count: 65,
+                region_pages: 16384,
+            },
+        ),
+        (
+            discard_map(1, 16384, 1),
+            Cause::OutOfRegion {
+                first: 16384,
+                count: 1,
+                region_pages: 16384,
+            },
+        ),
+        (
+            // first + count overflows.
+            discard_map(1, u64::MAX - 63, 64),
+            Cause::OutOfRegion {
+                first: u64::MAX - 63,
+                count: 64,
+                region_pages: 16384,
+            },
+        ),
+        (discard_map(2, 0, 1), Cause::UnknownRegion { region: 2 }),
+    ] {
+        assert_eq!(refusal(&bytes, &neg), cause, "{:02x?}", &bytes[..16]);
+    }
+}
+
+#[test]
+fn discard_map_needs_postcopy_ram() {
+    let mut c = caps();
+    c.postcopy_ram = false;
+    let plain = Negotiated::new(layout(), c);
+    assert_eq!(refusal(&DISCARD_MAP, &plain), Cause::NotNegotiated);
+    // Checked before anything else in the record.
+    assert_eq!(refusal(&discard_map(1, 1, 0), &plain), Cause::NotNegotiated);
+    let repr = Repr::DiscardMap {
+        region: 1,
+        first: 0x40,
+        count: 100,
+    };
+    assert_eq!(repr.check(&plain), Err(Cause::NotNegotiated));
+    assert_eq!(repr.check(&neg()), Ok(()));
+}
+
+/// [`DISCARD_MAP`] with one field changed, and its header CRC sealed again.
+fn tampered(edit: impl FnOnce(&mut Header<&mut [u8]>)) -> [u8; HEADER_LEN] {
+    let mut b = DISCARD_MAP;
+    let mut h = Header::new_checked(&mut b[..]).unwrap();
+    edit(&mut h);
+    h.fill_header_crc();
+    b
+}
+
+#[test]
+fn discard_map_refuses_flags_and_wrong_payload_length() {
+    let neg = neg();
+    for flags in [0x01, 0x02, 0x80] {
+        assert_eq!(
+            refusal(&tampered(|h| h.set_flags(flags)), &neg),
+            Cause::UnknownFlags { flags }
+        );
+    }
+    for len in [0u32, 8, 13, 24, 100 * PAGE] {
+        assert_eq!(
+            refusal(&tampered(|h| h.set_payload_len(len)), &neg),
+            Cause::PayloadLength {
+                expected: 16,
+                received: len
+            }
+        );
+    }
+    // 128 pages take exactly the 16 bytes sent; 129 take 24.
+    let rec = decode_header(&tampered(|h| h.set_count(128)), &neg, 0).unwrap();
+    assert_eq!(rec.payload_len, 16);
+    assert_eq!(
+        refusal(&tampered(|h| h.set_count(129)), &neg),
+        Cause::PayloadLength {
+            expected: 24,
+            received: 16
+        }
+    );
+    // A sealed literal with a bit flipped in flight.
+    let mut b = DISCARD_MAP;
+    b[4] ^= 0x01;
+    assert!(matches!(refusal(&b, &neg), Cause::HeaderChecksum { .. }));
 }
 
 fn return_cases() -> Vec<([u8; HEADER_LEN], ReturnRepr)> {

@@ -18,7 +18,7 @@ use ferry_core::session::{
 use ferry_core::wire::{
     Capabilities, DecodeError, Dest, ErrorCode, Event, Hello, Layout, Negotiated, Record, Region,
     Repr, ReturnDecoder, ReturnRecord, ReturnRepr, Step, StreamDecoder, StreamEncoder, HEADER_LEN,
-    MAX_RUN_PAGES, MAX_SECTION_CHUNK,
+    MAX_DISCARD_MAP_PAGES, MAX_RUN_PAGES, MAX_SECTION_CHUNK,
 };
 
 /// Page size of the fuzz session (small, so page runs fit in small inputs).
@@ -300,6 +300,20 @@ fn payload_bytes(neg: &Negotiated, cur: &mut Current, dest: Dest, bytes: &[u8]) 
             },
             Repr::PostcopySection { section: s, .. },
         ) => (offset, section == s && postcopy_only),
+        (Dest::DiscardMap { region, offset }, Repr::DiscardMap { region: r, .. }) => {
+            let pages = neg
+                .layout
+                .region_pages(region)
+                .expect("a discard map covers a region of the layout");
+            // One bit per page, in whole 64-bit words.
+            let map = pages.div_ceil(64) * 8;
+            let end = offset.checked_add(bytes.len() as u64).expect("no overflow");
+            assert!(
+                end <= map,
+                "discard map written outside its region's bitmap"
+            );
+            (offset, region == r)
+        }
         _ => panic!("payload destination {dest:?} for {:?}", cur.record.repr),
     };
     assert!(ok_dest, "payload destination does not match its record");
@@ -402,6 +416,8 @@ pub fn decode_stream(
                         Repr::Section { offset, .. } | Repr::PostcopySection { offset, .. } => {
                             offset
                         }
+                        // Byte `first / 8` of the region's bitmap (`first` is a multiple of 64).
+                        Repr::DiscardMap { first, .. } => first / 8,
                         _ => 0,
                     };
                     cur = Some(Current {
@@ -598,8 +614,28 @@ impl Gen<'_> {
         }
     }
 
+    /// The first page of a discard map: mostly 0 or 64 (the aligned starts near the
+    /// fuzz regions), else a small page or any value (mostly misaligned).
+    fn map_first(&mut self) -> u64 {
+        match self.u8() % 4 {
+            0 | 1 => 64 * u64::from(self.u8() % 2),
+            2 => u64::from(self.u8()),
+            _ => self.u64(),
+        }
+    }
+
+    /// The page count of a discard map. A count over the bound costs nothing: the
+    /// record is refused before its payload is built.
+    fn map_count(&mut self) -> u32 {
+        match self.u8() % 8 {
+            0 => MAX_DISCARD_MAP_PAGES + u32::from(self.u8() % 2),
+            1 => self.u32(),
+            _ => u32::from(self.u8() % 70),
+        }
+    }
+
     fn repr(&mut self) -> Repr {
-        match self.u8() % 10 {
+        match self.u8() % 11 {
             0 => Repr::PageRun {
                 region: self.region(),
                 first: self.first(),
@@ -633,7 +669,12 @@ impl Gen<'_> {
             6 => Repr::PostcopyListen,
             7 => Repr::PostcopyRun,
             8 => Repr::Go,
-            _ => Repr::End,
+            9 => Repr::End,
+            _ => Repr::DiscardMap {
+                region: self.region(),
+                first: self.map_first(),
+                count: self.map_count(),
+            },
         }
     }
 
@@ -881,6 +922,11 @@ pub fn sample_records() -> Vec<Repr> {
             last: true,
         },
         Repr::Go,
+        Repr::DiscardMap {
+            region: 0,
+            first: 0,
+            count: 40,
+        },
     ]
 }
 
@@ -998,6 +1044,13 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         let data = vec![7, k | 0x80, k, 0, 1, 2, 1, 0, 3, 1, 0, 0, 0, 2, 0, 1, 3];
         out.push(("roundtrip", format!("kind_{k}"), data));
     }
+    // Kind 10, a discard map: region 0, first page 0, 40 pages, payload not flipped;
+    // then the end.
+    out.push((
+        "roundtrip",
+        "kind_10".to_string(),
+        vec![7, 0x8a, 10, 0, 0, 0, 2, 40, 1, 9],
+    ));
     out.push((
         "roundtrip",
         "mixed".to_string(),
@@ -1057,6 +1110,11 @@ fn session_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         hello(3, true),
         pages(0, 4),
         D::Record(Repr::PostcopyListen),
+        D::Record(Repr::DiscardMap {
+            region: 0,
+            first: 0,
+            count: 64,
+        }),
         D::Record(Repr::End),
         D::Completeness(Completeness {
             missing_pages: 60,
@@ -1486,9 +1544,9 @@ impl Gen<'_> {
 
     /// Any stream record, valid or not for any layout: every variant, every field.
     fn any_repr(&mut self) -> Repr {
-        let kind = self.u8() % 10;
+        let kind = self.u8() % 11;
         match kind {
-            0 | 1 | 4 => {
+            0 | 1 | 4 | 10 => {
                 let region = self.region();
                 let first = self.first();
                 let count = self.count();
@@ -1508,7 +1566,12 @@ impl Gen<'_> {
                         first,
                         count,
                     },
-                    _ => Repr::Discard {
+                    4 => Repr::Discard {
+                        region,
+                        first,
+                        count,
+                    },
+                    _ => Repr::DiscardMap {
                         region,
                         first,
                         count,
@@ -1678,6 +1741,14 @@ impl Put {
                 count,
             } => {
                 self.u8(4);
+                self.run(region, first, count);
+            }
+            Repr::DiscardMap {
+                region,
+                first,
+                count,
+            } => {
+                self.u8(10);
                 self.run(region, first, count);
             }
             Repr::Section {
@@ -2053,6 +2124,11 @@ macro_rules! ensure {
 #[derive(Default)]
 struct DstSeen {
     hello_ok: bool,
+    /// The accepted hello asked for postcopy of RAM.
+    postcopy_ram: bool,
+    /// Stop-and-copy and postcopy-listen markers accepted.
+    stop_and_copy: bool,
+    listen: bool,
     accept_sent: bool,
     end_accepted: bool,
     ready_sent: bool,
@@ -2110,6 +2186,7 @@ pub fn run_destination(input: &DstInput) -> SessionRun {
                         "a hello for {channels} channels accepted"
                     );
                     seen.hello_ok = true;
+                    seen.postcopy_ram = postcopy_ram;
                 }
                 r
             }
@@ -2125,6 +2202,17 @@ pub fn run_destination(input: &DstInput) -> SessionRun {
                         Repr::Section { len, .. } | Repr::PostcopySection { len, .. } => {
                             seen.section_bytes = seen.section_bytes.saturating_add(u64::from(len));
                         }
+                        Repr::StopAndCopy => seen.stop_and_copy = true,
+                        Repr::PostcopyListen => seen.listen = true,
+                        Repr::DiscardMap { .. } => ensure!(
+                            at,
+                            s,
+                            seen.postcopy_ram
+                                && seen.listen
+                                && !seen.stop_and_copy
+                                && !seen.end_accepted,
+                            "a discard map accepted outside a postcopy-RAM switchover"
+                        ),
                         Repr::End => seen.end_accepted = true,
                         Repr::Go => {
                             ensure!(at, s, seen.ready_sent, "go accepted before ready was sent");

@@ -213,6 +213,9 @@ pub struct SourcePostcopyReport {
     pub mode: crate::postcopy::PostcopyMode,
     /// Pages discarded at switchover (changed after they were sent).
     pub pages_discarded: u64,
+    /// Bytes of the discard map sent on the control channel at switchover
+    /// (headers included).
+    pub discard_map_bytes: u64,
     /// Pages streamed after *go*.
     pub pages_streamed: u64,
     /// Page requests served on the urgent channel.
@@ -258,6 +261,8 @@ pub struct SourceReport {
     pub go_at_ns: u64,
     /// The downtime seen from the source: pause to *go* sent.
     pub source_downtime_ns: u64,
+    /// The final sync of the dirty log, inside the downtime, in nanoseconds.
+    pub final_sync_ns: u64,
     /// The threshold at the final decision.
     pub threshold: u64,
     /// The bandwidth the policy measured at the final decision, bytes/s

@@ -516,6 +516,9 @@ pub struct PageInstaller {
     /// second mapping by the one receiver that claimed it first, so a late
     /// copy never overwrites what the guest wrote since.
     claimed: Vec<Vec<AtomicU64>>,
+    /// The source's discard map: pages that changed after they were sent,
+    /// whatever copy arrived before arming is stale.
+    stale: Vec<Vec<AtomicU64>>,
     missing: AtomicU64,
     total: u64,
     uffd: Mutex<Option<Arc<Uffd>>>,
@@ -552,10 +555,14 @@ impl PageInstaller {
             .iter()
             .map(|&(_, p)| (0..p.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
             .collect();
-        let claimed = regions
-            .iter()
-            .map(|&(_, p)| (0..p.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
-            .collect();
+        let words = || -> Vec<Vec<AtomicU64>> {
+            regions
+                .iter()
+                .map(|&(_, p)| (0..p.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+                .collect()
+        };
+        let claimed = words();
+        let stale = words();
         let total: u64 = regions.iter().map(|r| r.1).sum();
         let latency = Histogram::new_with_bounds(1, 600_000_000_000, 3).ok();
         PageInstaller {
@@ -563,6 +570,7 @@ impl PageInstaller {
             second: None,
             received,
             claimed,
+            stale,
             missing: AtomicU64::new(total),
             total,
             uffd: Mutex::new(None),
@@ -631,6 +639,47 @@ impl PageInstaller {
         } else {
             Claim::Some(ours)
         })
+    }
+
+    /// Adds the source's discard map for `count` pages of `region` from
+    /// `first` (a multiple of 64): little-endian 64-bit words, one bit per
+    /// page. Only before switchover: [`Self::arm`] drops the pages it names,
+    /// whichever copy of them arrived. Returns the pages newly named.
+    pub fn add_discard_map(
+        &self,
+        region: u16,
+        first: u64,
+        count: u64,
+        map: &[u8],
+    ) -> Result<u64, PostcopyError> {
+        let out_of_range = PostcopyError::OutOfRange {
+            region,
+            first,
+            count,
+        };
+        self.host(region, first, count)?;
+        let Some(words) = self.stale.get(usize::from(region)) else {
+            return Err(out_of_range);
+        };
+        if first % 64 != 0 || map.len() as u64 != count.div_ceil(64) * 8 || self.is_armed() {
+            return Err(out_of_range);
+        }
+        let mut pages = 0;
+        for (i, b) in map.chunks_exact(8).enumerate() {
+            let mut le = [0u8; 8];
+            le.copy_from_slice(b);
+            let w = u64::from_le_bytes(le);
+            // Bits past `count` would name pages the record does not cover.
+            let left = count - i as u64 * 64;
+            if left < 64 && w >> left != 0 {
+                return Err(out_of_range);
+            }
+            let Some(s) = words.get((first / 64) as usize + i) else {
+                return Err(out_of_range);
+            };
+            pages += u64::from((w & !s.fetch_or(w, Ordering::AcqRel)).count_ones());
+        }
+        Ok(pages)
     }
 
     /// The second mapping's bytes of a run (in-place mode), for a receive
@@ -883,6 +932,19 @@ impl PageInstaller {
     /// with `UFFDIO_COPY`. Wakes the receivers waiting in [`Self::wait_armed`].
     pub fn arm(&self, uffd: Uffd) -> Result<(), PostcopyError> {
         let t = Instant::now();
+        // Pages in the discard map changed after they were sent: whatever
+        // copy arrived is stale. (Every bulk channel is past its marker, so
+        // no copy from before the switchover is still to come.)
+        for (received, stale) in self.received.iter().zip(&self.stale) {
+            for (w, s) in received.iter().zip(stale) {
+                let s = s.swap(0, Ordering::AcqRel);
+                if s != 0 {
+                    let dropped = w.fetch_and(!s, Ordering::AcqRel) & s;
+                    self.missing
+                        .fetch_add(u64::from(dropped.count_ones()), Ordering::AcqRel);
+                }
+            }
+        }
         let uffd = Arc::new(uffd);
         for &(base, pages) in &self.regions {
             if self.second.is_some() {

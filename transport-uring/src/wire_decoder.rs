@@ -150,7 +150,9 @@ impl Decoder for WireDecoder {
                     None => Placement::Discard { len },
                 })
             }
-            Repr::Section { .. } | Repr::PostcopySection { .. } => self.to_buffer(len),
+            Repr::Section { .. } | Repr::PostcopySection { .. } | Repr::DiscardMap { .. } => {
+                self.to_buffer(len)
+            }
             _ if len == 0 => Ok(Placement::Empty),
             _ => Ok(Placement::Discard { len }),
         }

@@ -1116,10 +1116,11 @@ fn print_report(r: &DemoReport, json: bool) -> Result<(), BoxError> {
         if let Some(p) = &s.postcopy {
             writeln!(
                 out,
-                "  postcopy         {} · {:.2} s after go · {} pages discarded at switchover, {} streamed, {} requested ({} requests), {} of postcopy-only sections",
+                "  postcopy         {} · {:.2} s after go · {} pages discarded at switchover (a {} discard map), {} streamed, {} requested ({} requests), {} of postcopy-only sections",
                 p.mode,
                 p.postcopy_ns as f64 / 1e9,
                 p.pages_discarded,
+                human_bytes(p.discard_map_bytes),
                 p.pages_streamed,
                 p.pages_requested,
                 p.requests,
@@ -1137,6 +1138,12 @@ fn print_report(r: &DemoReport, json: bool) -> Result<(), BoxError> {
             us(p.fault_latency.p99_ns),
             us(p.fault_latency.p999_ns),
             us(p.fault_latency.max_ns)
+        )?;
+        writeln!(
+            out,
+            "  switchover there {:.1} ms syncing the dirty log, {:.1} ms from pause to go sent",
+            r.source.final_sync_ns as f64 / 1e6,
+            r.source.source_downtime_ns as f64 / 1e6
         )?;
         writeln!(
             out,

@@ -414,6 +414,13 @@ impl DestinationSession {
                 self.listen = true;
                 Ok(())
             }
+            // Postcopy RAM: the pages to drop, after the listen marker and
+            // before the end of the stream.
+            Repr::DiscardMap { .. }
+                if before_end && self.listen && !self.stop_and_copy && self.postcopy_ram =>
+            {
+                Ok(())
+            }
             Repr::PostcopyRun if after_go => Ok(()),
             Repr::PageRun { .. } | Repr::ZeroRun { .. }
                 if before_end

@@ -24,6 +24,14 @@ pub enum Dest {
         /// The section is postcopy-only.
         postcopy_only: bool,
     },
+    /// A discard map: byte `offset` of region `region`'s page bitmap (one bit
+    /// per page, page 0 at bit 0 of byte 0).
+    DiscardMap {
+        /// Region id.
+        region: u16,
+        /// Byte offset within the region's bitmap of the first byte.
+        offset: u64,
+    },
 }
 
 /// What the decoder found.
@@ -323,7 +331,8 @@ impl StreamDecoder {
                 postcopy_only: false,
             },
             Repr::PageRun { region, .. } => Dest::Ram { region, offset },
-            // Only page runs and sections have payloads.
+            Repr::DiscardMap { region, .. } => Dest::DiscardMap { region, offset },
+            // Only page runs, sections and discard maps have payloads.
             _ => Dest::Ram { region: 0, offset },
         }
     }
@@ -439,6 +448,8 @@ impl StreamDecoder {
                 }
             }
             Repr::Section { offset, .. } | Repr::PostcopySection { offset, .. } => offset,
+            // `first` is a multiple of 64 (checked), so whole bytes.
+            Repr::DiscardMap { first, .. } => first / 8,
             _ => 0,
         };
         self.state = if record.payload_len == 0 {

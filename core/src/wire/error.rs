@@ -63,6 +63,11 @@ pub enum Cause {
     },
     /// A page count of zero.
     ZeroCount,
+    /// A discard map whose first page is not a multiple of 64.
+    Misaligned {
+        /// The first page as received.
+        first: u64,
+    },
     /// A page count above the bound for this kind.
     CountTooLarge {
         /// The count as received.
@@ -141,6 +146,10 @@ impl fmt::Display for Cause {
                 write!(f, "region {region} is not in the negotiated layout")
             }
             Cause::ZeroCount => f.write_str("the page count is zero"),
+            Cause::Misaligned { first } => write!(
+                f,
+                "a discard map starts at page {first}, which is not a multiple of 64"
+            ),
             Cause::CountTooLarge { count, max } => {
                 write!(f, "the page count {count} exceeds the bound {max}")
             }

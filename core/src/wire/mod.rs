@@ -8,7 +8,7 @@
 //! | 0   | 1    | `kind`        | record type ([`StreamKind`], [`ReturnKind`], [`HELLO_KIND`])   |
 //! | 1   | 1    | `flags`       | per-kind flags; unknown bits are an error                      |
 //! | 2   | 2    | `id`          | region id (page-like records) or section id (sections)         |
-//! | 4   | 4    | `count`       | page count of page runs, zero runs, discards; else 0           |
+//! | 4   | 4    | `count`       | page count of runs, discards and discard maps; else 0          |
 //! | 8   | 8    | `first`       | first page index, or byte offset of a section chunk; else 0    |
 //! | 16  | 4    | `payload_len` | bytes of payload that follow the header                        |
 //! | 20  | 4    | `payload_crc` | CRC32 of the payload (0 and unchecked without checksums)       |
@@ -26,6 +26,7 @@
 //! | 0x05 | discard | region | pages | first page | none |
 //! | 0x06..0x09 | stop-and-copy, postcopy listen, postcopy run, go | 0 | 0 | 0 | none |
 //! | 0x0a | end of stream | 0 | 0 | 0 | none |
+//! | 0x0b | discard map ([`Repr::DiscardMap`], postcopy RAM) | region | pages | first page, a multiple of 64 | `count.div_ceil(64)` little-endian 64-bit words, bit `i` page `first + i` |
 //! | 0x20 | hello (handshake, see [`Hello`]) | 0 | regions | 0 | version, capabilities, layout |
 //! | 0x81 | page request (return path) | region | pages | first page | none |
 //! | 0x82 | resend request (return path) | region | pages | first page | none |
@@ -70,7 +71,8 @@ pub use handshake::{
 pub use header::{field, Header, RecordHeader, HEADER_CRC_LEN, HEADER_LEN};
 pub use return_path::{ErrorCode, ReturnDecoder, ReturnKind, ReturnRecord, ReturnRepr};
 pub use stream::{
-    decode_header, flags, Record, Repr, StreamEncoder, StreamKind, MAX_RUN_PAGES, MAX_SECTION_CHUNK,
+    decode_header, discard_map_bytes, flags, Record, Repr, StreamEncoder, StreamKind,
+    MAX_DISCARD_MAP_PAGES, MAX_RUN_PAGES, MAX_SECTION_CHUNK,
 };
 
 /// CRC32 (IEEE, as computed by crc32fast) of a payload, for the `payload_crc` field.

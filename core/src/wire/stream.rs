@@ -10,6 +10,10 @@ use super::header::{Header, RecordHeader, HEADER_LEN};
 /// Most pages in one page run (the payload of a run is `count * page_size` bytes).
 pub const MAX_RUN_PAGES: u32 = 1024;
 
+/// Most pages one discard-map chunk covers: a bitmap of at most
+/// [`MAX_SECTION_CHUNK`] bytes.
+pub const MAX_DISCARD_MAP_PAGES: u32 = MAX_SECTION_CHUNK * 8;
+
 /// Longest section chunk payload in bytes.
 pub const MAX_SECTION_CHUNK: u32 = 1 << 20;
 
@@ -48,6 +52,8 @@ pub enum StreamKind {
     Go = 0x09,
     /// Nothing follows on this channel.
     End = 0x0a,
+    /// A bitmap of pages the destination must drop at switchover (postcopy RAM).
+    DiscardMap = 0x0b,
 }
 
 impl StreamKind {
@@ -64,6 +70,7 @@ impl StreamKind {
             0x08 => StreamKind::PostcopyRun,
             0x09 => StreamKind::Go,
             0x0a => StreamKind::End,
+            0x0b => StreamKind::DiscardMap,
             _ => return None,
         })
     }
@@ -133,6 +140,17 @@ pub enum Repr {
         /// Number of pages, at least 1.
         count: u32,
     },
+    /// Pages to drop at switchover, as a bitmap: bit `i` of the payload
+    /// (little-endian 64-bit words) is page `first + i`. The payload is
+    /// `count.div_ceil(64)` words; bits past `count` must be clear.
+    DiscardMap {
+        /// Region id.
+        region: u16,
+        /// First page the bitmap covers, a multiple of 64.
+        first: u64,
+        /// Pages covered, `1..=MAX_DISCARD_MAP_PAGES`.
+        count: u32,
+    },
     /// Stop-and-copy begins.
     StopAndCopy,
     /// Postcopy listen.
@@ -173,6 +191,11 @@ fn page_range(neg: &Negotiated, region: u16, first: u64, count: u32) -> Result<(
     }
 }
 
+/// Payload bytes of a discard map over `count` pages: whole 64-bit words.
+pub fn discard_map_bytes(count: u32) -> u64 {
+    u64::from(count).div_ceil(64) * 8
+}
+
 fn section_chunk(offset: u64, len: u32) -> Result<(), Cause> {
     if len > MAX_SECTION_CHUNK {
         return Err(Cause::PayloadTooLarge {
@@ -195,6 +218,7 @@ impl Repr {
             Repr::Section { .. } => StreamKind::Section,
             Repr::PostcopySection { .. } => StreamKind::PostcopySection,
             Repr::Discard { .. } => StreamKind::Discard,
+            Repr::DiscardMap { .. } => StreamKind::DiscardMap,
             Repr::StopAndCopy => StreamKind::StopAndCopy,
             Repr::PostcopyListen => StreamKind::PostcopyListen,
             Repr::PostcopyRun => StreamKind::PostcopyRun,
@@ -209,6 +233,7 @@ impl Repr {
         match *self {
             Repr::PageRun { count, .. } => u64::from(count) * u64::from(page_size),
             Repr::Section { len, .. } | Repr::PostcopySection { len, .. } => u64::from(len),
+            Repr::DiscardMap { count, .. } => discard_map_bytes(count),
             _ => 0,
         }
     }
@@ -236,6 +261,11 @@ impl Repr {
                 count,
             }
             | Repr::Discard {
+                region,
+                first,
+                count,
+            }
+            | Repr::DiscardMap {
                 region,
                 first,
                 count,
@@ -293,6 +323,25 @@ impl Repr {
                 first,
                 count,
             } => page_range(neg, region, first, count),
+            Repr::DiscardMap {
+                region,
+                first,
+                count,
+            } => {
+                if !neg.caps.postcopy_ram {
+                    return Err(Cause::NotNegotiated);
+                }
+                if first % 64 != 0 {
+                    return Err(Cause::Misaligned { first });
+                }
+                if count > MAX_DISCARD_MAP_PAGES {
+                    return Err(Cause::CountTooLarge {
+                        count,
+                        max: MAX_DISCARD_MAP_PAGES,
+                    });
+                }
+                page_range(neg, region, first, count)
+            }
             Repr::Section { offset, len, .. } => section_chunk(offset, len),
             Repr::PostcopySection { offset, len, .. } => {
                 if !neg.caps.postcopy_only_sections {
@@ -351,6 +400,11 @@ impl Repr {
                 count,
             },
             StreamKind::Discard => Repr::Discard {
+                region: id,
+                first,
+                count,
+            },
+            StreamKind::DiscardMap => Repr::DiscardMap {
                 region: id,
                 first,
                 count,

@@ -209,6 +209,19 @@ impl<S: GuestStarter> Control<'_, '_, '_, S> {
             } => self
                 .pc_sections
                 .add(section, offset, payload, last, rec.payload_crc)?,
+            // The pages to drop at arming; the session admitted the record
+            // only in postcopy RAM, after the listen marker.
+            Repr::DiscardMap {
+                region,
+                first,
+                count,
+            } => {
+                let inst = self
+                    .inst
+                    .as_ref()
+                    .ok_or(DestinationErrorKind::PostcopyNotNegotiated)?;
+                inst.add_discard_map(region, first, u64::from(count), payload)?;
+            }
             Repr::StopAndCopy | Repr::PostcopyListen | Repr::PostcopyRun => {}
             // Resent pages: the source is stopped, so they must be intact.
             Repr::PageRun { .. } | Repr::ZeroRun { .. } => receive_resent(

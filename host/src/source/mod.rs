@@ -13,9 +13,9 @@
 //! On `Switchover { ram_postcopy: true }` (the operator threw the switch,
 //! [`crate::postcopy::PostcopyHandle`], and postcopy-ram was negotiated): pause,
 //! final sync; every page dirty now changed after it was sent, so it is
-//! discarded on the destination (a `Discard` on its own bulk channel, then a
-//! `PostcopyListen` marker on every bulk channel), device state, *ready*,
-//! *go*; then a request server answers page requests from the paused guest's
+//! discarded on the destination: a discard map (the dirty bitmap) on the
+//! control channel, whatever the number of pages, then a `PostcopyListen`
+//! marker on every bulk channel; device state, *ready*, *go*; then a request server answers page requests from the paused guest's
 //! memory on the urgent connection while the bulk channels stream the
 //! discarded pages in the background. On `Switchover { ram_postcopy: false }`
 //! (rule 4) RAM completes in the downtime and only the postcopy-only
@@ -42,7 +42,7 @@ use ferry_core::session::{
 };
 use ferry_core::wire::{
     self, Capabilities, Hello, Negotiated, Repr, ReturnRepr, StreamEncoder, HEADER_LEN,
-    MAX_RUN_PAGES, MAX_SECTION_CHUNK,
+    MAX_SECTION_CHUNK,
 };
 use ferry_uring::{share_out, AnyChannel, Channel, OutRecord, Payload, ProbeReport, Transport};
 
@@ -251,8 +251,6 @@ struct PageWork {
 
 enum Job {
     Pages(Vec<PageWork>),
-    /// Discard records (region, first, count), sent at switchover.
-    Discard(Vec<(u16, u64, u32)>),
     /// The switchover marker (`PostcopyListen`) on this bulk channel.
     Marker,
     /// A reply to a page request, behind whatever is queued (benchmark
@@ -731,6 +729,46 @@ impl<'r, 'm> Source<'r, 'm> {
             })
     }
 
+    /// Sends the pages set in `bitmaps` (one per region, indexed by region
+    /// id) as discard maps on the control channel, a chunk of at most
+    /// [`DISCARD_MAP_CHUNK_WORDS`] words at a time; chunks with no page set
+    /// are left out. Returns the pages discarded and the bytes sent.
+    fn send_discard_map(&mut self, bitmaps: &[Vec<u64>]) -> Result<(u64, u64), SourceError> {
+        let (mut pages, mut sent) = (0u64, 0u64);
+        let mut payload = Vec::with_capacity(DISCARD_MAP_CHUNK_WORDS * 8);
+        for (r, words) in bitmaps.iter().enumerate() {
+            let region_pages = self.ram.region(r as u16).map_or(0, |g| g.pages());
+            let used = (region_pages.div_ceil(64) as usize).min(words.len());
+            for (c, chunk) in words[..used].chunks(DISCARD_MAP_CHUNK_WORDS).enumerate() {
+                if chunk.iter().all(|&w| w == 0) {
+                    continue;
+                }
+                let first = (c * DISCARD_MAP_CHUNK_WORDS * 64) as u64;
+                let count = (chunk.len() as u64 * 64).min(region_pages - first);
+                payload.clear();
+                for (i, &w) in chunk.iter().enumerate() {
+                    // Bits past the region's last page stay clear.
+                    let left = count - i as u64 * 64;
+                    let w = if left < 64 {
+                        w & ((1u64 << left) - 1)
+                    } else {
+                        w
+                    };
+                    pages += u64::from(w.count_ones());
+                    payload.extend_from_slice(&w.to_le_bytes());
+                }
+                let repr = Repr::DiscardMap {
+                    region: r as u16,
+                    first,
+                    count: count as u32,
+                };
+                self.send_ctl(repr, &payload)?;
+                sent += (HEADER_LEN + payload.len()) as u64;
+            }
+        }
+        Ok((pages, sent))
+    }
+
     /// Sends one section in chunks on the control channel (as a postcopy-only
     /// section when `postcopy`); returns the bytes put on the wire.
     fn send_section(&mut self, id: u16, bytes: &[u8], postcopy: bool) -> Result<u64, SourceError> {
@@ -1095,48 +1133,9 @@ fn join_senders_list(
     }
 }
 
-/// Sends every dirty run of `bitmaps` as discard records, each on its
-/// page's bulk channel; returns the pages discarded. The bitmaps stay as
-/// they are: they are what the background stream sends.
-fn send_discards(bitmaps: &[Vec<u64>], jobs: &[SyncSender<Job>]) -> Result<u64, SourceError> {
-    let n = jobs.len();
-    let mut batches: Vec<Vec<(u16, u64, u32)>> = (0..n).map(|_| Vec::new()).collect();
-    let mut total = 0u64;
-    for (r, words) in bitmaps.iter().enumerate() {
-        let mut p = 0u64;
-        let end = words.len() as u64 * 64;
-        while p < end {
-            let w = words[(p / 64) as usize];
-            if w == 0 && p % 64 == 0 {
-                p += 64;
-                continue;
-            }
-            if w & (1 << (p % 64)) == 0 {
-                p += 1;
-                continue;
-            }
-            let start = p;
-            while p < end
-                && words[(p / 64) as usize] & (1 << (p % 64)) != 0
-                && p - start < u64::from(MAX_RUN_PAGES)
-            {
-                p += 1;
-            }
-            total += p - start;
-            for (ch, first, count) in share_out(start, p - start, n) {
-                batches[ch].push((r as u16, first, count as u32));
-            }
-        }
-    }
-    for (ch, b) in batches.into_iter().enumerate() {
-        if !b.is_empty() {
-            jobs[ch]
-                .send(Job::Discard(b))
-                .map_err(|_| SourceError::SenderStopped)?;
-        }
-    }
-    Ok(total)
-}
+/// Words of one discard-map chunk: 128 KiB, a million pages (4 GiB of
+/// 4 KiB pages).
+const DISCARD_MAP_CHUNK_WORDS: usize = 16 * 1024;
 
 /// Words of bitmap handed to the senders at a time in the background
 /// stream (4096 pages, 16 MiB), so that progress can be reported.

@@ -17,9 +17,8 @@ use ferry_uring::AnyChannel;
 use super::postcopy::PostcopyWork;
 use super::stall::SendProgress;
 use super::{
-    count_bits, dispatch, flush_all, join_senders_list, or_into, send_discards, sender_thread,
-    words_bytes, DevicePending, Job, RamPending, SenderStats, SnapshotPending, Source, SourceError,
-    SourceHold,
+    count_bits, dispatch, flush_all, join_senders_list, or_into, sender_thread, words_bytes,
+    DevicePending, Job, RamPending, SenderStats, SnapshotPending, Source, SourceError, SourceHold,
 };
 use crate::dirty::{DirtyError, DirtyTracker};
 use crate::migration::{
@@ -563,25 +562,33 @@ impl<'r, 'm> Source<'r, 'm> {
             // The stop-and-copy marker.
             self.flush_session()?;
         }
+        let t = Instant::now();
         for (r, words) in st.bitmaps.iter_mut().enumerate() {
             tracker.sync(r, words)?;
         }
+        st.report.final_sync_ns = t.elapsed().as_nanos() as u64;
         if let Some(snap) = st.snapshot.as_mut() {
             or_into(snap, &st.bitmaps);
         }
         self.poll_returns(&mut st.bitmaps, &mut st.report)?;
         if ram_postcopy {
-            // Pages dirty now changed after they were sent: the destination
-            // forgets them; they come in the background or on demand. Each
-            // discard travels on its page's bulk channel, so it lands after
-            // the stale copy.
-            pc.pages_discarded = send_discards(&st.bitmaps, senders.jobs())?;
+            // The postcopy listen marker on control, then the pages dirty
+            // now: they changed after they were sent, so the destination
+            // drops whatever copy it has of them; they come in the
+            // background or on demand. One bitmap on control, whatever
+            // their number. Then a marker on every bulk channel: the
+            // destination arms once each is in, so no copy from before the
+            // pause arrives after (each round ended with its runs handed to
+            // the kernel, so only the sockets' backlog is ahead of them).
+            self.flush_session()?;
+            let (pages, bytes) = self.send_discard_map(&st.bitmaps)?;
+            pc.pages_discarded = pages;
+            pc.discard_map_bytes = bytes;
+            st.report.bytes_sent += bytes;
             for j in senders.jobs() {
                 j.send(Job::Marker).map_err(stopped_early)?;
             }
-            flush_all(senders.jobs())?;
-            // The postcopy listen marker.
-            return self.flush_session();
+            return Ok(());
         }
         let sent = dispatch(
             Some(tracker),

@@ -74,7 +74,6 @@ pub(super) fn sender_thread(
     // (its queue closed): then the channel closes without one.
     while let Ok(job) = jobs.recv() {
         match job {
-            Job::Discard(runs) => s.discards(runs)?,
             Job::Marker => s.control(Repr::PostcopyListen, "switchover marker")?,
             Job::Pages(work) => s.pages(work, false)?,
             Job::Requested(w) => s.pages(vec![w], true)?,
@@ -127,30 +126,6 @@ impl Sender<'_, '_> {
             .map_err(|e| self.fail(what, &e))?;
         self.stats.bytes += HEADER_LEN as u64;
         Ok(())
-    }
-
-    /// Discard records, sent at switchover.
-    fn discards(&mut self, runs: Vec<(u16, u64, u32)>) -> Result<(), String> {
-        self.recs.clear();
-        for (region, first, count) in runs {
-            let header = self.header(&Repr::Discard {
-                region,
-                first,
-                count,
-            })?;
-            self.recs.push(OutRecord {
-                header,
-                payload: Payload::None,
-            });
-            self.stats.bytes += HEADER_LEN as u64;
-        }
-        let recs = std::mem::take(&mut self.recs);
-        let (chan, progress) = (&mut self.chan, self.progress);
-        let sent = progress
-            .during(|| chan.send(&recs))
-            .map_err(|e| self.fail("send", &e));
-        self.recs = recs;
-        sent.map(|_| ())
     }
 
     /// A batch of page runs (zero pages as zero runs on the first pass).
