@@ -285,15 +285,6 @@ impl<S: GuestStarter> Control<'_, '_, '_, S> {
         } else {
             Uffd::new()?
         })?;
-        if inst.in_place() {
-            // The received pages are mapped while the handover goes on and
-            // the guest runs, not in the downtime; until then a first touch
-            // maps its page through a minor fault.
-            let mapper = inst.clone();
-            let _ = std::thread::Builder::new()
-                .name("ferry-map".into())
-                .spawn(move || mapper.map_received());
-        }
         self.faults = Some(FaultService::start(inst, UrgentRequests(writer))?);
         Ok(())
     }
@@ -313,6 +304,18 @@ impl<S: GuestStarter> Control<'_, '_, '_, S> {
             return Err(session_failed(&self.session));
         }
         flush_session(&mut self.session, self.ret)?;
+        if let Some(inst) = self
+            .inst
+            .clone()
+            .filter(|i| i.in_place() && self.session.mode() == SessionMode::Ram)
+        {
+            // The received pages are mapped once the guest runs, not in the
+            // downtime, where the thread would take a core from the handover;
+            // until then a first touch maps its page through a minor fault.
+            let _ = std::thread::Builder::new()
+                .name("ferry-map".into())
+                .spawn(move || inst.map_received());
+        }
         if self.session.mode() != SessionMode::Precopy {
             return Ok(None);
         }
