@@ -308,7 +308,26 @@ impl DataConn {
         }
         ferry_uring::AnyChannel::new(self.conn, regions, transport, probe)
     }
+
+    /// The connection as a reading half and a writing half, each for a
+    /// thread of its own (the urgent connection): the socket itself, or,
+    /// when the connection is protected, halves that open and seal TLS
+    /// records as they go.
+    pub fn into_halves(self) -> io::Result<(ReadHalf, WriteHalf)> {
+        #[cfg(feature = "tls")]
+        if let Some(p) = self.protection {
+            let (r, w) = crate::tls::direct::halves(self.conn, p)?;
+            return Ok((Box::new(r), Box::new(w)));
+        }
+        Ok((Box::new(self.conn.try_clone()?), Box::new(self.conn)))
+    }
 }
+
+/// The reading half of a connection ([`DataConn::into_halves`]).
+pub type ReadHalf = Box<dyn Read + Send>;
+
+/// The writing half of a connection ([`DataConn::into_halves`]).
+pub type WriteHalf = Box<dyn Write + Send>;
 
 /// Where the source's connections come from: one stream per [`ChannelRole`],
 /// asked for in order (control, bulk 0.., urgent).
@@ -750,8 +769,8 @@ pub enum ReturnReadError {
 }
 
 /// Reads one return-path record, a byte-exact header at a time.
-pub fn read_return(
-    conn: &mut Conn,
+pub fn read_return<R: Read + ?Sized>(
+    conn: &mut R,
     dec: &mut ReturnDecoder,
 ) -> Result<ReturnRecord, ReturnReadError> {
     let mut hdr = [0u8; HEADER_LEN];
@@ -772,16 +791,23 @@ pub fn read_return(
 }
 
 /// The destination's side of the return path: any thread may send on it.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ReturnWriter {
-    inner: Arc<Mutex<(Conn, u32)>>,
+    inner: Arc<Mutex<(WriteHalf, u32)>>,
+}
+
+impl std::fmt::Debug for ReturnWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReturnWriter").finish_non_exhaustive()
+    }
 }
 
 impl ReturnWriter {
-    /// Writes return records on `conn`.
-    pub fn new(conn: Conn) -> ReturnWriter {
+    /// Writes return records on `conn` (a socket, or the writing half of a
+    /// protected connection).
+    pub fn new(conn: impl Write + Send + 'static) -> ReturnWriter {
         ReturnWriter {
-            inner: Arc::new(Mutex::new((conn, 0))),
+            inner: Arc::new(Mutex::new((Box::new(conn), 0))),
         }
     }
 

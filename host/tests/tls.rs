@@ -690,3 +690,132 @@ fn psk_files_in_qemu_format_read_and_bad_ones_are_named() {
         assert!(e.to_string().contains(why), "{e}");
     }
 }
+
+/// The destination guest of an encrypted postcopy: on start, a thread reads pages at random
+/// (most missing at first), so that vCPU-like faults become page requests on the urgent
+/// connection.
+struct Toucher {
+    base: usize,
+    pages: u64,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    touched: Arc<std::sync::atomic::AtomicU64>,
+    handle: Option<thread::JoinHandle<()>>,
+}
+
+impl ferry_host::migration::GuestStarter for Toucher {
+    fn start(
+        &mut self,
+        _sections: &[ferry_host::migration::DeviceSection],
+    ) -> Result<(), ferry_host::migration::CallbackError> {
+        use std::sync::atomic::Ordering;
+        let (base, pages, stop, touched) = (
+            self.base,
+            self.pages,
+            self.stop.clone(),
+            self.touched.clone(),
+        );
+        self.handle = Some(thread::spawn(move || {
+            let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+            while !stop.load(Ordering::Acquire) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let at = base + ((x % pages) * 4096) as usize;
+                // SAFETY: inside the destination's guest memory, which lives until the
+                // test ends; a missing page faults through userfaultfd until it arrives.
+                let _ = unsafe { std::ptr::read_volatile(at as *const u8) };
+                touched.fetch_add(1, Ordering::Relaxed);
+                thread::sleep(Duration::from_micros(100));
+            }
+        }));
+        Ok(())
+    }
+}
+
+/// Postcopy over TLS: page requests and their replies cross the urgent connection, which
+/// carries its own keys (no relay); nothing on any connection, the urgent one included, is
+/// readable, and the destination ends with the source's bytes.
+#[test]
+fn encrypted_postcopy_serves_faults_on_the_urgent_connection() {
+    use std::sync::atomic::Ordering;
+    let g = Guests::new();
+    let (l, e) = listener();
+    let rec = recorder(e);
+    let dst_tls = DestinationTls::psk(vec![psk("source-a", 7)], vec![]).expect("destination TLS");
+    let acc = dst_tls.acceptor(&l);
+    let src_tls = SourceTls::psk(psk("source-a", 7)).expect("source TLS");
+    let mut conn = src_tls.connector(rec.endpoint.clone());
+    let src_ram = Ram::from_memory(&g.src);
+    let dst_ram = Ram::from_memory(&g.dst);
+    let mut tracker = tracker_for(&g.src);
+    let base = g.src.regions()[0].host_ptr() as usize;
+    let mut writer = Writer::start(base, GUEST / 4096, 16);
+    let mut toucher = Toucher {
+        base: g.dst.regions()[0].host_ptr() as usize,
+        pages: GUEST / 4096,
+        stop: Arc::default(),
+        touched: Arc::default(),
+        handle: None,
+    };
+    let config = SourceConfig {
+        bandwidth_cap: Some(16 * MIB),
+        offer_postcopy_ram: true,
+        postcopy_after_first_pass: true,
+        ..source_config()
+    };
+    let dst_config = DestinationConfig {
+        postcopy_ram: true,
+        ..DestinationConfig::new(transport())
+    };
+    let (s, d) = thread::scope(|sc| {
+        let d = sc.spawn(|| destination::receive_with(&acc, &dst_ram, &mut toucher, &dst_config));
+        let s = source::migrate_over(
+            &src_ram,
+            &mut tracker,
+            &mut writer,
+            &config,
+            &mut conn,
+            transport(),
+            2,
+            &mut |_| {},
+        );
+        (s, d.join().expect("destination thread"))
+    });
+    toucher.stop.store(true, Ordering::Release);
+    if let Some(h) = toucher.handle.take() {
+        h.join().expect("toucher");
+    }
+    let s = s.expect("the source completes");
+    let d = d.expect("the destination completes");
+    same_bytes(&g.src, &g.dst).expect("destination RAM equals source RAM");
+    let spc = s.postcopy.expect("the source's postcopy report");
+    let dpc = d.postcopy.expect("the destination's postcopy report");
+    assert!(
+        spc.pages_discarded > 0,
+        "pages changed after they were sent"
+    );
+    assert!(
+        dpc.faults > 0 && spc.requests > 0,
+        "faults were served on the urgent connection: {dpc:?}"
+    );
+    assert!(toucher.touched.load(Ordering::Relaxed) > 0);
+    let sent = rec.sent.lock().expect("log");
+    assert_eq!(sent.len(), 4, "control, two bulk and the urgent connection");
+    assert!(
+        sent[3].len() as u64 >= spc.pages_requested * 4096,
+        "the replies crossed the urgent connection ({} bytes for {} pages)",
+        sent[3].len(),
+        spc.pages_requested
+    );
+    for (i, c) in sent.iter().enumerate() {
+        assert_eq!(
+            &c[..3],
+            &[0x16, 0x03, 0x01],
+            "connection {i} opens with a ClientHello"
+        );
+        assert!(
+            !contains(c, SECRET),
+            "connection {i} carries guest bytes in clear"
+        );
+    }
+}

@@ -945,7 +945,7 @@ enum UrgentRead {
     Lost(String),
 }
 
-fn read_urgent_header(conn: &mut link::Conn, inst: &PageInstaller) -> UrgentRead {
+fn read_urgent_header(conn: &mut link::ReadHalf, inst: &PageInstaller) -> UrgentRead {
     use std::io::Read;
     let mut hdr = [0u8; wire::HEADER_LEN];
     let mut got = 0;
@@ -964,7 +964,7 @@ fn read_urgent_header(conn: &mut link::Conn, inst: &PageInstaller) -> UrgentRead
 /// Receives the urgent connection: replies to page requests, each read
 /// straight into place (memfd) or into a buffer, checked, and installed.
 fn urgent_thread(
-    mut conn: link::Conn,
+    mut conn: link::ReadHalf,
     neg: &Negotiated,
     inst: &PageInstaller,
     finished: &AtomicBool,
@@ -1440,7 +1440,7 @@ fn handshake(
 struct Channels {
     ctl: AnyChannel,
     bulk: Vec<AnyChannel>,
-    urgent: Option<link::Conn>,
+    urgent: Option<link::DataConn>,
 }
 
 /// Builds the control channel and accepts the bulk (and urgent) ones.
@@ -1487,7 +1487,7 @@ fn open_channels(
         );
     }
     let urgent = if postcopy_ram {
-        Some(listener.accept_within(ChannelRole::Urgent, bound)?)
+        Some(listener.accept_data_within(ChannelRole::Urgent, bound)?)
     } else {
         None
     };
@@ -1519,7 +1519,7 @@ impl Wakers {
                 .map(|c| dup(c.stream()))
                 .collect::<Result<_, _>>()?,
             control: dup(chans.ctl.stream())?,
-            urgent: chans.urgent.as_ref().map(dup).transpose()?,
+            urgent: chans.urgent.as_ref().map(|u| dup(u.conn())).transpose()?,
         })
     }
 
@@ -1587,15 +1587,17 @@ fn receive_inner<S: GuestStarter>(
     let watch = Watch::new(monotonic_ns());
     let n_bulk = chans.bulk.len();
     let wakers = Wakers::new(&chans)?;
-    let urgent_writer = match chans.urgent.as_ref().map(|c| c.try_clone()) {
-        Some(Ok(w)) => Some(ReturnWriter::new(w)),
+    // The urgent connection's halves: replies read by the urgent receiver,
+    // requests written by the fault service.
+    let (urgent_reader, urgent_writer) = match chans.urgent.map(link::DataConn::into_halves) {
+        Some(Ok((r, w))) => (Some(r), Some(ReturnWriter::new(w))),
         Some(Err(source)) => {
             return Err(DestinationErrorKind::Link(LinkError::Io {
-                what: "duplicating the urgent socket",
+                what: "splitting the urgent connection",
                 source,
             }))
         }
-        None => None,
+        None => (None, None),
     };
     // A resume serves faults again from the start, on the new urgent
     // connection.
@@ -1630,7 +1632,7 @@ fn receive_inner<S: GuestStarter>(
             }));
         }
         drop(notes_tx);
-        let urgent_handle = match (chans.urgent, inst.as_deref()) {
+        let urgent_handle = match (urgent_reader, inst.as_deref()) {
             (Some(conn), Some(inst)) => {
                 let (neg, finished) = (&neg, &finished);
                 Some(scope.spawn(move || urgent_thread(conn, neg, inst, finished)))

@@ -515,8 +515,12 @@ struct Source<'r, 'm> {
     /// Second handles on the bulk sockets: shutting one down wakes a sender
     /// blocked on a stalled peer.
     bulk_wakers: Vec<link::Conn>,
-    /// The urgent connection (postcopy-ram only).
-    urgent: Option<link::Conn>,
+    /// The urgent connection (postcopy-ram only), until the request server
+    /// takes its halves.
+    urgent: Option<link::DataConn>,
+    /// A second handle on the urgent socket: shutting it down ends the
+    /// request server.
+    urgent_waker: Option<link::Conn>,
     transport_name: String,
     started: Instant,
     session: SourceSession,
@@ -605,10 +609,15 @@ impl<'r, 'm> Source<'r, 'm> {
         // The urgent connection comes last: page requests in, replies out,
         // never behind bulk data.
         let urgent = if neg.caps.postcopy_ram {
-            Some(connections.connect(ChannelRole::Urgent)?)
+            Some(connections.connect_data(ChannelRole::Urgent)?)
         } else {
             None
         };
+        let urgent_waker = urgent
+            .as_ref()
+            .map(|u| u.conn().try_clone())
+            .transpose()
+            .map_err(SourceError::UrgentSocket)?;
         let (returns, _reader) = link::spawn_return_reader(ret_conn, ret_dec);
         // The bulk channels carry the pages: theirs is the transport to name
         // (with TLS they are record channels while control is relayed).
@@ -625,6 +634,7 @@ impl<'r, 'm> Source<'r, 'm> {
             bulk,
             bulk_wakers,
             urgent,
+            urgent_waker,
             transport_name,
             started,
             session,
@@ -700,7 +710,7 @@ impl<'r, 'm> Source<'r, 'm> {
 
     fn shutdown(&mut self) {
         let _ = self.ctl_conn.shutdown();
-        if let Some(u) = &self.urgent {
+        if let Some(u) = &self.urgent_waker {
             let _ = u.shutdown();
         }
     }
@@ -1198,8 +1208,8 @@ struct UrgentStats {
 /// connection (or, as a benchmark baseline, queued on the page's bulk
 /// channel). Ends when the connection does.
 fn urgent_server(
-    mut reader: link::Conn,
-    mut writer: link::Conn,
+    mut reader: link::ReadHalf,
+    mut writer: link::WriteHalf,
     ram: &Ram<'_>,
     neg: Negotiated,
     via_bulk: Option<Vec<SyncSender<Job>>>,

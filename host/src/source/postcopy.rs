@@ -78,7 +78,7 @@ impl<'r, 'm> Source<'r, 'm> {
         let streamed = self
             .stream_rest(work, pages_left, &requests, report, pc, events)
             .and_then(|()| self.finish_postcopy_stream(snapshot, report, pc, events));
-        if let Some(u) = &self.urgent {
+        if let Some(u) = &self.urgent_waker {
             let _ = u.shutdown();
         }
         let served = server.map(|h| h.join());
@@ -99,7 +99,7 @@ impl<'r, 'm> Source<'r, 'm> {
     /// With postcopy RAM, the thread that answers page requests from the
     /// paused guest's memory on the urgent connection.
     fn start_urgent_server<'s, 'e>(
-        &self,
+        &mut self,
         scope: &'s Scope<'s, 'e>,
         jobs: Option<&Vec<SyncSender<Job>>>,
         requests: &Arc<UrgentStats>,
@@ -108,11 +108,13 @@ impl<'r, 'm> Source<'r, 'm> {
         'r: 's,
         'm: 's,
     {
-        let (Some(jobs), Some(conn)) = (jobs, self.urgent.as_ref()) else {
+        let Some(jobs) = jobs else {
             return Ok(None);
         };
-        let dup = |c: &crate::link::Conn| c.try_clone().map_err(SourceError::UrgentSocket);
-        let (reader, writer) = (dup(conn)?, dup(conn)?);
+        let Some(conn) = self.urgent.take() else {
+            return Ok(None);
+        };
+        let (reader, writer) = conn.into_halves().map_err(SourceError::UrgentSocket)?;
         let via_bulk = self.config.replies_on_bulk().then(|| jobs.clone());
         let (ram, neg, stats) = (self.ram, self.neg, requests.clone());
         Ok(Some(scope.spawn(move || {

@@ -16,14 +16,16 @@
 //! - The record layer (`ferry_uring::tls`) protects each direction with the keys rustls
 //!   negotiated, in user space (this kernel has no kTLS). Bulk connections hand their keys to
 //!   the channel itself ([`ferry_uring::tls::TlsChannel`]: pages are sealed as they are
-//!   gathered from guest memory and opened once on arrival); the control and urgent
-//!   connections go through relay threads (`pump`) between the network connection and the
-//!   plain stream the migration code reads and writes.
+//!   gathered from guest memory and opened once on arrival); the urgent connection is split
+//!   into halves that open and seal records in the threads that read and write it (`direct`);
+//!   the control connection goes through relay threads (`pump`) between the network
+//!   connection and the plain stream the migration code reads and writes.
 //!
 //! [`generate_x509`] writes a throw-away CA and certificates for both ends, in the layout
 //! [`X509Credentials::from_dir`] reads (QEMU's: `ca-cert.pem`, `server-cert.pem`,
 //! `server-key.pem`, `client-cert.pem`, `client-key.pem`).
 
+pub(crate) mod direct;
 mod handshake;
 mod pump;
 
