@@ -51,21 +51,18 @@ impl GuestControl for SourceGuest<'_> {
 #[derive(Debug)]
 pub struct IncomingGuest<'a> {
     vm: &'a Vm,
-    /// When the guest started here, and the pages it had dirtied by then
-    /// (its own counter, read just after it resumed).
-    started: Option<(std::time::Instant, u64)>,
 }
 
 impl<'a> IncomingGuest<'a> {
     /// Wraps a VM made with [`Vm::new_incoming`].
     pub fn new(vm: &'a Vm) -> Self {
-        IncomingGuest { vm, started: None }
+        IncomingGuest { vm }
     }
 
     /// The guest's own rate since it started here, in pages per second
     /// (in postcopy: how fast it ran while pages were still arriving).
     pub fn rate_since_start(&self) -> Option<f64> {
-        let (t, at_start) = self.started?;
+        let (t, at_start) = self.vm.started_here()?;
         let now = self.vm.guest_status().ok()?.pages_dirtied;
         let s = t.elapsed().as_secs_f64();
         (s > 0.0).then(|| now.saturating_sub(at_start) as f64 / s)
@@ -83,15 +80,12 @@ impl GuestStarter for IncomingGuest<'_> {
             .iter()
             .find(|s| s.id == VCPU_SECTION)
             .ok_or(MissingVcpuState)?;
+        // Nothing here reads or writes guest RAM: in postcopy a page still
+        // missing would block this thread, which the migration needs free
+        // to notice a lost connection. The guest's own start point is taken
+        // by its vCPU (`Vm::started_here`).
         self.vm.restore_state(&vcpu.bytes)?;
         self.vm.resume()?;
-        // In postcopy this read may fault its page in, after the resume so
-        // that it is not part of the downtime.
-        self.started = self
-            .vm
-            .guest_status()
-            .ok()
-            .map(|st| (std::time::Instant::now(), st.pages_dirtied));
         Ok(())
     }
 }

@@ -44,6 +44,14 @@ pub trait GuestControl {
 pub trait GuestStarter {
     /// Called once, on *go*, with every device section received: restore
     /// them and start the vCPUs.
+    ///
+    /// With RAM in postcopy this runs before every page has arrived, on the
+    /// thread that drives the migration: it must not read or write guest RAM
+    /// itself. A page still missing would block it until the page arrives,
+    /// and if the connection is lost meanwhile, for good: the migration
+    /// could then neither notice the loss nor hold the guest for a resume.
+    /// Leave such accesses to the vCPUs (a vCPU blocked on a missing page
+    /// waits for it, across a resume, as the guest would).
     fn start(&mut self, sections: &[DeviceSection]) -> Result<(), CallbackError>;
 
     /// Called once after postcopy, with every postcopy-only section (e.g. the

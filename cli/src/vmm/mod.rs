@@ -318,6 +318,8 @@ pub struct Vm {
     msr_list: Vec<u32>,
     prefault: Mutex<Option<JoinHandle<Result<(), MemoryError>>>>,
     restored: AtomicBool,
+    /// When the guest first ran after a restore, and the pages it had dirtied by then.
+    started_here: Arc<Mutex<Option<(Instant, u64)>>>,
 }
 
 impl Vm {
@@ -491,6 +493,7 @@ impl Vm {
             msr_list,
             prefault: Mutex::new(None),
             restored: AtomicBool::new(false),
+            started_here: Arc::default(),
         })
     }
 
@@ -605,9 +608,11 @@ impl Vm {
         Ok(out)
     }
 
-    /// Restores a section from [`Vm::save_state`] into this (paused) VM. Call it once guest
-    /// RAM is in place: it also writes this host's TSC frequency into the guest's mailbox, so
-    /// the workload paces correctly on a host with another TSC rate.
+    /// Restores a section from [`Vm::save_state`] into this (paused) VM. It also has this
+    /// host's TSC frequency written into the guest's mailbox, so the workload paces correctly
+    /// on a host with another TSC rate: by vCPU 0's thread just before the guest first runs,
+    /// so that in postcopy a mailbox page still missing blocks that vCPU, not the caller
+    /// (which must stay free to notice a lost connection).
     pub fn restore_state(&self, data: &[u8]) -> Result<(), VmmError> {
         if !self.is_paused() {
             return Err(VmmError::NotPaused);
@@ -619,12 +624,44 @@ impl Vm {
                 .with_fd(i, |fd| parsed.apply(i, fd))
                 .unwrap_or(Ok(()))?;
         }
-        if self.mailbox_valid() {
-            self.memory
-                .write_u64(layout::MAILBOX_GPA + mb::TSC_HZ, self.tsc_hz)?;
-        }
+        let at = |gpa: u64| self.memory.host_address(gpa, 8).map(|p| p as usize);
+        let magic = at(layout::MAILBOX_GPA + mb::MAGIC)?;
+        let tsc = at(layout::MAILBOX_GPA + mb::TSC_HZ)?;
+        let dirtied = (0..self.config.vcpus)
+            .map(|i| {
+                at(layout::MAILBOX_GPA
+                    + layout::STATUS_OFFSET
+                    + u64::from(i) * layout::STATUS_STRIDE
+                    + st::PAGES_DIRTIED)
+            })
+            .collect::<Result<Vec<usize>, _>>()?;
+        let (tsc_hz, started) = (self.tsc_hz, self.started_here.clone());
+        self.vcpus.before_first_run(Box::new(move || {
+            // SAFETY: 8-byte aligned addresses inside guest RAM (checked above), which stays
+            // mapped until the vCPU threads have ended (`Vm` drops its vCPUs first).
+            unsafe {
+                if std::ptr::read_volatile(magic as *const u64) != layout::MAILBOX_MAGIC {
+                    return;
+                }
+                std::ptr::write_volatile(tsc as *mut u64, tsc_hz);
+                let d = dirtied
+                    .iter()
+                    .map(|&a| std::ptr::read_volatile(a as *const u64))
+                    .sum();
+                *started.lock().unwrap_or_else(PoisonError::into_inner) = Some((Instant::now(), d));
+            }
+        }));
         self.restored.store(true, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// When the guest first ran here after [`Vm::restore_state`], and how many pages it had
+    /// dirtied by then (by its own count); `None` before it ran.
+    pub fn started_here(&self) -> Option<(Instant, u64)> {
+        *self
+            .started_here
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Makes the guest's clock jump by `ticks` TSC ticks (negative: backwards), as a TSC

@@ -74,11 +74,25 @@ struct Ctl {
     kicks: u64,
 }
 
+/// Work for vCPU 0's thread to do once, before it next enters the guest.
+pub(crate) type FirstRun = Box<dyn FnOnce() + Send>;
+
+/// The pending [`FirstRun`], if any.
+#[derive(Default)]
+struct FirstRunSlot(Mutex<Option<FirstRun>>);
+
+impl std::fmt::Debug for FirstRunSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FirstRunSlot").finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug)]
 struct Shared {
     ctl: Mutex<Ctl>,
     cv: Condvar,
     doorbells: AtomicU64,
+    first_run: FirstRunSlot,
 }
 
 impl Shared {
@@ -111,6 +125,7 @@ impl Vcpus {
             }),
             cv: Condvar::new(),
             doorbells: AtomicU64::new(0),
+            first_run: FirstRunSlot::default(),
         });
         let fds: Vec<_> = fds.into_iter().map(|f| Arc::new(Mutex::new(f))).collect();
         let mut me = Self {
@@ -130,6 +145,18 @@ impl Vcpus {
         // Wait until every thread has parked once, so its kvm_run pointer is published.
         me.wait_parked(Duration::from_secs(10))?;
         Ok(me)
+    }
+
+    /// Has vCPU 0's thread run `work` once, just before it next enters the guest: work that
+    /// touches guest RAM then blocks that vCPU, as a guest access would (in postcopy, on a
+    /// page still missing), and never the thread that resumed the VM.
+    pub(crate) fn before_first_run(&self, work: FirstRun) {
+        *self
+            .shared
+            .first_run
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(work);
     }
 
     /// Number of vCPUs.
@@ -309,6 +336,17 @@ fn vcpu_thread(idx: usize, fd: &Mutex<VcpuFd>, shared: &Shared, tsc_hz: u64) {
                 }
             }
             c.parked[idx] = false;
+        }
+        if idx == 0 {
+            let work = shared
+                .first_run
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Some(work) = work {
+                work();
+            }
         }
         let mut v = fd.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut doorbell: Option<u64> = None;
