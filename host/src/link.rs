@@ -170,18 +170,31 @@ impl std::fmt::Display for Endpoint {
     }
 }
 
+/// A string that names no endpoint.
+#[derive(Debug, thiserror::Error)]
+#[error("'{input}' is neither unix:PATH nor HOST:PORT: {source}")]
+pub struct EndpointParseError {
+    /// The string.
+    pub input: String,
+    /// Why it is no TCP address.
+    pub source: std::net::AddrParseError,
+}
+
 impl std::str::FromStr for Endpoint {
-    type Err = String;
+    type Err = EndpointParseError;
 
     /// `unix:PATH`, `tcp:HOST:PORT` or plain `HOST:PORT`.
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, EndpointParseError> {
         if let Some(p) = s.strip_prefix("unix:") {
             return Ok(Endpoint::Unix(PathBuf::from(p)));
         }
         let a = s.strip_prefix("tcp:").unwrap_or(s);
         a.parse::<SocketAddr>()
             .map(Endpoint::Tcp)
-            .map_err(|e| format!("'{s}' is neither unix:PATH nor HOST:PORT: {e}"))
+            .map_err(|source| EndpointParseError {
+                input: s.to_string(),
+                source,
+            })
     }
 }
 

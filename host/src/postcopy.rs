@@ -1312,12 +1312,34 @@ pub trait RequestSink: Send {
     fn request(&mut self, region: u16, first: u64, count: u32) -> io::Result<()>;
 }
 
+/// Why the destination's fault service stopped serving faults.
+#[derive(Debug, thiserror::Error)]
+pub enum FaultServiceError {
+    /// Reading a fault from the userfaultfd, or resolving one to its page,
+    /// failed.
+    #[error("a fault could not be served: {0}")]
+    Fault(#[source] PostcopyError),
+    /// A page request could not be sent to the source.
+    #[error("the request for page {page} of region {region} could not be sent: {source}")]
+    Request {
+        /// The region id.
+        region: u16,
+        /// The page.
+        page: u64,
+        /// What the request sink said.
+        source: io::Error,
+    },
+    /// The fault service's thread panicked.
+    #[error("the fault service panicked")]
+    Panicked,
+}
+
 /// The destination's fault service: a thread reading userfaultfd faults and
 /// turning each missing page into a request.
 #[derive(Debug)]
 pub struct FaultService {
     stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<Result<(), String>>>,
+    handle: Option<std::thread::JoinHandle<Result<(), FaultServiceError>>>,
 }
 
 impl FaultService {
@@ -1333,7 +1355,7 @@ impl FaultService {
         let s = stop.clone();
         let handle = std::thread::Builder::new()
             .name("ferry-faults".into())
-            .spawn(move || -> Result<(), String> {
+            .spawn(move || -> Result<(), FaultServiceError> {
                 prioritise_urgent_thread();
                 let mut addrs = Vec::with_capacity(64);
                 while !s.load(Ordering::Acquire) {
@@ -1341,13 +1363,19 @@ impl FaultService {
                         continue;
                     }
                     addrs.clear();
-                    uffd.read_faults(&mut addrs).map_err(|e| e.to_string())?;
+                    uffd.read_faults(&mut addrs)
+                        .map_err(FaultServiceError::Fault)?;
                     for &a in &addrs {
                         if let Some((region, page)) =
-                            installer.on_fault(a).map_err(|e| e.to_string())?
+                            installer.on_fault(a).map_err(FaultServiceError::Fault)?
                         {
-                            sink.request(region, page, 1)
-                                .map_err(|e| format!("could not send a page request: {e}"))?;
+                            sink.request(region, page, 1).map_err(|source| {
+                                FaultServiceError::Request {
+                                    region,
+                                    page,
+                                    source,
+                                }
+                            })?;
                         }
                     }
                 }
@@ -1361,12 +1389,10 @@ impl FaultService {
     }
 
     /// Stops the thread; returns its error, if it failed.
-    pub fn stop(&mut self) -> Result<(), String> {
+    pub fn stop(&mut self) -> Result<(), FaultServiceError> {
         self.stop.store(true, Ordering::Release);
         match self.handle.take() {
-            Some(h) => h
-                .join()
-                .unwrap_or_else(|_| Err("the fault service panicked".into())),
+            Some(h) => h.join().unwrap_or(Err(FaultServiceError::Panicked)),
             None => Ok(()),
         }
     }

@@ -13,7 +13,7 @@ use ferry_uring::{AnyChannel, Channel};
 
 use super::{
     flush_session, receive_resent, session_failed, BulkNote, DestinationConfig,
-    DestinationErrorKind, RecvStats, Torn, UrgentRequests, Watch,
+    DestinationErrorKind, PostcopyLoss, RecvStats, Torn, UrgentRequests, Watch,
 };
 use crate::link::{ChannelRole, ReturnWriter, WireDecoder};
 use crate::migration::{monotonic_ns, DestinationReport, DeviceSection, GuestStarter};
@@ -334,7 +334,7 @@ impl<S: GuestStarter> Control<'_, '_, '_, S> {
         }
         self.pc_sections.check_complete()?;
         if let Some(f) = self.faults.as_mut() {
-            f.stop().map_err(DestinationErrorKind::Thread)?;
+            f.stop().map_err(DestinationErrorKind::FaultService)?;
         }
         let secs = self.pc_sections.to_device_sections();
         self.starter
@@ -372,17 +372,16 @@ impl<S: GuestStarter> Control<'_, '_, '_, S> {
                     count,
                 })
                 .map_err(|e| DestinationErrorKind::PostcopyLost {
-                    why: format!("asking for the last pages failed: {e}"),
+                    why: PostcopyLoss::LastRequest(e),
                     missing: inst.missing(),
                 })?;
             }
         }
         if !inst.wait_complete(self.config.complete_timeout) {
             return Err(DestinationErrorKind::PostcopyLost {
-                why: format!(
-                    "the last pages did not arrive within {:?}",
-                    self.config.complete_timeout
-                ),
+                why: PostcopyLoss::LastPagesLate {
+                    waited: self.config.complete_timeout,
+                },
                 missing: inst.missing(),
             });
         }

@@ -70,7 +70,9 @@ use crate::link::{
     self, Acceptor, ChannelRole, LinkError, ReturnWriter, WireDecodeError, WireDecoder,
 };
 use crate::migration::{monotonic_ns, DestinationReport, GuestStarter};
-use crate::postcopy::{Claim, FaultService, PageInstaller, PostcopyError, RequestSink, Uffd, Via};
+use crate::postcopy::{
+    Claim, FaultService, FaultServiceError, PageInstaller, PostcopyError, RequestSink, Uffd, Via,
+};
 use crate::ram::{Ram, PAGE_SIZE};
 
 /// Why a migration failed on the destination.
@@ -299,9 +301,9 @@ pub enum DestinationErrorKind {
     /// The embedding hypervisor could not start the guest.
     #[error("could not start the guest: {0}")]
     Start(crate::migration::CallbackError),
-    /// A receiver thread died.
-    #[error("a receiver thread failed: {0}")]
-    Thread(String),
+    /// The fault service stopped with an error.
+    #[error("the fault service failed: {0}")]
+    FaultService(#[source] FaultServiceError),
     /// Serving postcopy faults failed.
     #[error("postcopy failed: {0}")]
     Postcopy(#[from] PostcopyError),
@@ -309,10 +311,35 @@ pub enum DestinationErrorKind {
     #[error("the connection to the source was lost during postcopy ({why}): {missing} pages never arrived; the guest's vCPUs that touch them wait on their faults and nothing was written wrongly; the source holds every page")]
     PostcopyLost {
         /// What failed.
-        why: String,
+        #[source]
+        why: PostcopyLoss,
         /// Pages missing.
         missing: u64,
     },
+}
+
+/// What cut postcopy off from the source while the guest ran here.
+#[derive(Debug, thiserror::Error)]
+pub enum PostcopyLoss {
+    /// The source closed the urgent channel with pages still missing.
+    #[error("the source closed the urgent channel")]
+    Closed,
+    /// Reading a reply on the urgent channel failed.
+    #[error("the urgent channel failed: {0}")]
+    Urgent(#[source] std::io::Error),
+    /// Asking for the pages still missing at the end of the stream failed.
+    #[error("asking for the last pages failed: {0}")]
+    LastRequest(#[source] std::io::Error),
+    /// The pages still missing at the end of the stream did not arrive in
+    /// time.
+    #[error("the last pages did not arrive within {waited:?}")]
+    LastPagesLate {
+        /// How long they were waited for.
+        waited: Duration,
+    },
+    /// Another failure, after *go*.
+    #[error(transparent)]
+    Failed(Box<DestinationErrorKind>),
 }
 
 impl DestinationErrorKind {
@@ -352,7 +379,7 @@ impl DestinationErrorKind {
             DestinationErrorKind::Checksum { .. } => ErrorCode::Checksum,
             DestinationErrorKind::Start(_)
             | DestinationErrorKind::ReceiverPanicked
-            | DestinationErrorKind::Thread(_)
+            | DestinationErrorKind::FaultService(_)
             | DestinationErrorKind::Postcopy(_) => ErrorCode::Internal,
             DestinationErrorKind::PostcopyLost { .. } => ErrorCode::Io,
             DestinationErrorKind::Session(e) => match e.failure {
@@ -942,7 +969,7 @@ enum UrgentRead {
     /// A clean end with nothing missing.
     Done,
     /// The connection closed or failed.
-    Lost(String),
+    Lost(PostcopyLoss),
 }
 
 fn read_urgent_header(conn: &mut link::ReadHalf, inst: &PageInstaller) -> UrgentRead {
@@ -952,10 +979,10 @@ fn read_urgent_header(conn: &mut link::ReadHalf, inst: &PageInstaller) -> Urgent
     while got < hdr.len() {
         match conn.read(&mut hdr[got..]) {
             Ok(0) if got == 0 && inst.missing() == 0 => return UrgentRead::Done,
-            Ok(0) => return UrgentRead::Lost("the source closed the urgent channel".into()),
+            Ok(0) => return UrgentRead::Lost(PostcopyLoss::Closed),
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return UrgentRead::Lost(format!("the urgent channel failed: {e}")),
+            Err(e) => return UrgentRead::Lost(PostcopyLoss::Urgent(e)),
         }
     }
     UrgentRead::Header(hdr)
@@ -980,7 +1007,7 @@ fn urgent_thread(
     let mut buf = vec![0u8; MAX_RUN_BYTES];
     let mut stats = RecvStats::default();
     // A connection lost once the migration finished is no loss.
-    let lost = |why: String, stats: RecvStats| match finished.load(Ordering::Acquire) {
+    let lost = |why: PostcopyLoss, stats: RecvStats| match finished.load(Ordering::Acquire) {
         true => Ok(stats),
         false => Err(DestinationErrorKind::PostcopyLost {
             why,
@@ -1028,7 +1055,7 @@ fn urgent_thread(
             },
         };
         if let Err(e) = read {
-            return lost(format!("the urgent channel failed: {e}"), stats);
+            return lost(PostcopyLoss::Urgent(e), stats);
         }
         stats.bytes += (len + wire::HEADER_LEN) as u64;
         install_reply(inst, neg, &rec, dec.partial.take(), &buf, len, &mut stats)?;
@@ -1191,7 +1218,7 @@ fn receive_any<S: GuestStarter>(
                 // is a wait that ran out, not a loss).
                 if resume.is_none() && !matches!(kind, DestinationErrorKind::PostcopyLost { .. }) {
                     kind = DestinationErrorKind::PostcopyLost {
-                        why: kind.to_string(),
+                        why: PostcopyLoss::Failed(Box::new(kind)),
                         missing: hold.missing_pages,
                     };
                 }

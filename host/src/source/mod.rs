@@ -57,6 +57,7 @@ mod sender;
 mod stall;
 
 use sender::sender_thread;
+pub use sender::SenderError;
 
 /// Records per batch handed to a sender thread.
 const BATCH: usize = 256;
@@ -172,9 +173,12 @@ pub enum SourceError {
     /// report to say.
     #[error("the connection failed after go was sent ({0}); the guest stays paused here: check whether the destination received go before resuming anything")]
     AfterGo(Box<SourceError>),
-    /// A sender thread died.
-    #[error("a sender thread failed: {0}")]
-    Thread(String),
+    /// A bulk sender thread stopped with an error.
+    #[error("a bulk sender stopped: {0}")]
+    Sender(#[source] SenderError),
+    /// The urgent request server stopped with an error.
+    #[error("the urgent request server stopped: {0}")]
+    UrgentServer(#[source] UrgentServerError),
     /// The connection failed during postcopy: the guest runs on the
     /// destination with pages missing; the source keeps every page and its
     /// guest stays paused (never resumed here).
@@ -191,6 +195,47 @@ pub enum SourceError {
     /// Encoding a record failed (a bug).
     #[error("could not encode a record: {0}")]
     Emit(wire::EmitError),
+}
+
+/// Why the source's urgent request server stopped before its connection
+/// ended.
+#[derive(Debug, thiserror::Error)]
+pub enum UrgentServerError {
+    /// A page request did not decode.
+    #[error("a page request did not decode: {0}")]
+    Decode(#[source] wire::DecodeError),
+    /// The destination sent a record other than a page request on the
+    /// urgent channel.
+    #[error("the destination sent {0:?} on the urgent channel, where only page requests belong")]
+    Unexpected(ReturnRepr),
+    /// The destination asked for pages of a region the guest RAM does not
+    /// have.
+    #[error(
+        "the destination asked for pages of region {region}, which the guest RAM does not have"
+    )]
+    UnknownRegion {
+        /// The region id.
+        region: u16,
+    },
+    /// The destination asked for pages outside their region.
+    #[error("the destination asked for pages {first}..{} of region {region}, outside the region", first.saturating_add(u64::from(*count)))]
+    OutsideRegion {
+        /// The region id.
+        region: u16,
+        /// First page.
+        first: u64,
+        /// Pages.
+        count: u32,
+    },
+    /// A reply did not encode (a bug).
+    #[error("a reply did not encode: {0}")]
+    Encode(#[source] wire::EmitError),
+    /// A reply could not be sent.
+    #[error("a reply could not be sent: {0}")]
+    Send(#[source] std::io::Error),
+    /// The server thread panicked.
+    #[error("the urgent request server panicked")]
+    Panicked,
 }
 
 /// What happened instead of *started*, after *go* was sent.
@@ -256,9 +301,15 @@ enum Job {
     /// A reply to a page request, behind whatever is queued (benchmark
     /// baseline: requests sharing the bulk channel).
     Requested(PageWork),
-    Flush(SyncSender<Result<(), String>>),
+    /// Flushes the channel; the ack says whether that worked (the cause is
+    /// the sender thread's result).
+    Flush(SyncSender<Result<(), FlushFailed>>),
     End,
 }
+
+/// A flush that failed: the sender thread stops, and its result says why.
+#[derive(Clone, Copy, Debug)]
+struct FlushFailed;
 
 #[derive(Clone, Copy, Debug, Default)]
 struct SenderStats {
@@ -671,6 +722,7 @@ impl<'r, 'm> Source<'r, 'm> {
         let bulk_failed = matches!(
             e,
             SourceError::SenderStopped
+                | SourceError::Sender(SenderError::Transport { .. })
                 | SourceError::Transport {
                     channel: ChannelRole::Bulk(_),
                     ..
@@ -1110,19 +1162,21 @@ fn flush_all(jobs: &[SyncSender<Job>]) -> Result<(), SourceError> {
     for rx in acks {
         match rx.recv() {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(SourceError::Thread(e)),
-            Err(_) => return Err(SourceError::SenderStopped),
+            // The sender's own error comes with its thread, when it is
+            // joined.
+            Ok(Err(FlushFailed)) | Err(_) => return Err(SourceError::SenderStopped),
         }
     }
     Ok(())
 }
 
+/// Joins the sender threads, in channel order; the first error wins.
 fn join_senders_list(
-    senders: Vec<std::thread::ScopedJoinHandle<'_, Result<SenderStats, String>>>,
+    senders: Vec<std::thread::ScopedJoinHandle<'_, Result<SenderStats, SenderError>>>,
 ) -> Result<SenderStats, SourceError> {
     let mut total = SenderStats::default();
     let mut first_err = None;
-    for h in senders {
+    for (channel, h) in senders.into_iter().enumerate() {
         match h.join() {
             Ok(Ok(s)) => {
                 total.bytes += s.bytes;
@@ -1133,12 +1187,12 @@ fn join_senders_list(
                 first_err.get_or_insert(e);
             }
             Err(_) => {
-                first_err.get_or_insert("a sender thread panicked".to_string());
+                first_err.get_or_insert(SenderError::Panicked { channel });
             }
         }
     }
     match first_err {
-        Some(e) => Err(SourceError::Thread(e)),
+        Some(e) => Err(SourceError::Sender(e)),
         None => Ok(total),
     }
 }
@@ -1214,7 +1268,7 @@ fn urgent_server(
     neg: Negotiated,
     via_bulk: Option<Vec<SyncSender<Job>>>,
     stats: &UrgentStats,
-) -> Result<(), String> {
+) -> Result<(), UrgentServerError> {
     use std::io::Write;
     use std::sync::atomic::Ordering;
     crate::postcopy::prioritise_urgent_thread();
@@ -1226,9 +1280,7 @@ fn urgent_server(
             Ok(r) => r,
             // The end of the connection is how the server is stopped.
             Err(link::ReturnReadError::Io(_)) => return Ok(()),
-            Err(link::ReturnReadError::Decode(e)) => {
-                return Err(format!("a page request did not decode: {e}"))
-            }
+            Err(link::ReturnReadError::Decode(e)) => return Err(UrgentServerError::Decode(e)),
         };
         let ReturnRepr::PageRequest {
             region,
@@ -1236,7 +1288,7 @@ fn urgent_server(
             count,
         } = rec.repr
         else {
-            return Err(format!("unexpected {:?} on the urgent channel", rec.repr));
+            return Err(UrgentServerError::Unexpected(rec.repr));
         };
         stats.requests.fetch_add(1, Ordering::Relaxed);
         stats.pages.fetch_add(u64::from(count), Ordering::Relaxed);
@@ -1256,11 +1308,15 @@ fn urgent_server(
         }
         let r = ram
             .region(region)
-            .ok_or_else(|| format!("a request for unknown region {region}"))?;
+            .ok_or(UrgentServerError::UnknownRegion { region })?;
         // SAFETY: the guest is paused on this side: nothing writes its pages.
-        let bytes = unsafe { r.pages_slice(first, u64::from(count)) }.ok_or_else(|| {
-            format!("a request for pages {first}+{count} outside region {region}")
-        })?;
+        let bytes = unsafe { r.pages_slice(first, u64::from(count)) }.ok_or(
+            UrgentServerError::OutsideRegion {
+                region,
+                first,
+                count,
+            },
+        )?;
         let mut header = [0u8; HEADER_LEN];
         enc.encode(
             &Repr::PageRun {
@@ -1273,12 +1329,10 @@ fn urgent_server(
             bytes,
             &mut header,
         )
-        .map_err(|e| format!("encoding a reply: {e}"))?;
+        .map_err(UrgentServerError::Encode)?;
         out.clear();
         out.extend_from_slice(&header);
         out.extend_from_slice(bytes);
-        if let Err(e) = writer.write_all(&out) {
-            return Err(format!("sending a reply: {e}"));
-        }
+        writer.write_all(&out).map_err(UrgentServerError::Send)?;
     }
 }

@@ -14,7 +14,7 @@ use ferry_core::wire::{Repr, ReturnRepr};
 use super::run::SenderHandle;
 use super::{
     count_bits, join_senders_list, stream_background, urgent_server, words_bytes, Job, SenderStats,
-    Source, SourceError, SourceHold, UrgentStats,
+    Source, SourceError, SourceHold, UrgentServerError, UrgentStats,
 };
 use crate::migration::{
     Event, PostcopyProgress, SourcePostcopyReport, SourceReport, SNAPSHOT_BITMAP_SECTION,
@@ -86,12 +86,8 @@ impl<'r, 'm> Source<'r, 'm> {
         pc.pages_requested = requests.pages.load(Ordering::Relaxed);
         streamed.map_err(lost)?;
         match served {
-            Some(Ok(Err(e))) => Err(lost(SourceError::Thread(format!(
-                "the urgent channel failed: {e}"
-            )))),
-            Some(Err(_)) => Err(lost(SourceError::Thread(
-                "the urgent server panicked".into(),
-            ))),
+            Some(Ok(Err(e))) => Err(lost(SourceError::UrgentServer(e))),
+            Some(Err(_)) => Err(lost(SourceError::UrgentServer(UrgentServerError::Panicked))),
             _ => Ok(()),
         }
     }
@@ -103,7 +99,7 @@ impl<'r, 'm> Source<'r, 'm> {
         scope: &'s Scope<'s, 'e>,
         jobs: Option<&Vec<SyncSender<Job>>>,
         requests: &Arc<UrgentStats>,
-    ) -> Result<Option<ScopedJoinHandle<'s, Result<(), String>>>, SourceError>
+    ) -> Result<Option<ScopedJoinHandle<'s, Result<(), UrgentServerError>>>, SourceError>
     where
         'r: 's,
         'm: 's,
@@ -157,7 +153,7 @@ impl<'r, 'm> Source<'r, 'm> {
             .unwrap_or(Ok(SenderStats::default()));
         // A sender that died knows better why than "it stopped".
         let stats = match (sent, joined) {
-            (Err(SourceError::Thread(_)), Err(cause)) => return Err(cause),
+            (Err(SourceError::SenderStopped), Err(cause)) => return Err(cause),
             (Err(e), _) => return Err(e),
             (Ok(()), joined) => joined?,
         };

@@ -18,7 +18,8 @@ use super::postcopy::PostcopyWork;
 use super::stall::SendProgress;
 use super::{
     count_bits, dispatch, flush_all, join_senders_list, or_into, sender_thread, words_bytes,
-    DevicePending, Job, RamPending, SenderStats, SnapshotPending, Source, SourceError, SourceHold,
+    DevicePending, Job, RamPending, SenderError, SenderStats, SnapshotPending, Source, SourceError,
+    SourceHold,
 };
 use crate::dirty::{DirtyError, DirtyTracker};
 use crate::migration::{
@@ -33,7 +34,7 @@ use crate::ram::{Ram, RamRegion, PAGE_SIZE};
 const REASON_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A bulk sender thread's handle.
-pub(super) type SenderHandle<'s> = ScopedJoinHandle<'s, Result<SenderStats, String>>;
+pub(super) type SenderHandle<'s> = ScopedJoinHandle<'s, Result<SenderStats, SenderError>>;
 
 /// The bulk sender threads and the queues that feed them.
 pub(super) struct Senders<'s> {
@@ -56,10 +57,10 @@ impl Senders<'_> {
     }
 
     /// Stops after `e`; a sender that died knows better why than "it
-    /// stopped", so its cause wins over a caller's thread error.
+    /// stopped", so its cause wins over [`SourceError::SenderStopped`].
     fn stop_after(&mut self, e: SourceError) -> SourceError {
         match (e, self.stop()) {
-            (SourceError::Thread(_), Err(cause)) => cause,
+            (SourceError::SenderStopped, Err(cause)) => cause,
             (e, _) => e,
         }
     }
@@ -243,7 +244,7 @@ impl<'r, 'm> Source<'r, 'm> {
         match result {
             // Senders woken by the stall watchdog fail with their sockets;
             // the stall is the cause.
-            Err(SourceError::SenderStopped | SourceError::Thread(_)) if progress.stalled() => {
+            Err(SourceError::SenderStopped | SourceError::Sender(_)) if progress.stalled() => {
                 Err(SourceError::Stalled {
                     after_ms: u64::try_from(stall_bound.as_millis()).unwrap_or(u64::MAX),
                 })

@@ -9,8 +9,59 @@ use ferry_core::wire::{self, Negotiated, Repr, StreamEncoder, HEADER_LEN};
 use ferry_uring::{AnyChannel, Channel, OutRecord, Payload};
 
 use super::stall::SendProgress;
-use super::{Job, PageWork, SenderStats, BATCH};
+use super::{FlushFailed, Job, PageWork, SenderStats, BATCH};
 use crate::ram::{Ram, RamRegion, PAGE_SIZE};
+
+/// Why a bulk sender thread stopped before the end of its stream.
+#[derive(Debug, thiserror::Error)]
+pub enum SenderError {
+    /// The transport failed while the sender handed it records or flushed it.
+    #[error("bulk channel {channel} failed while {what}: {source}")]
+    Transport {
+        /// The bulk channel's index.
+        channel: usize,
+        /// What the sender was doing: "sending pages", "flushing", "sending
+        /// the switchover marker" or "sending the end of the stream".
+        what: &'static str,
+        /// What the transport said.
+        source: ferry_uring::Error,
+    },
+    /// A record did not encode (a bug).
+    #[error("bulk channel {channel} could not encode a record: {source}")]
+    Encode {
+        /// The bulk channel's index.
+        channel: usize,
+        /// Why.
+        source: wire::EmitError,
+    },
+    /// The sender was handed pages of a region the guest RAM does not have
+    /// (a bug).
+    #[error("bulk channel {channel} was handed pages of region {region}, which the guest RAM does not have")]
+    UnknownRegion {
+        /// The bulk channel's index.
+        channel: usize,
+        /// The region id.
+        region: u16,
+    },
+    /// The sender was handed pages outside their region (a bug).
+    #[error("bulk channel {channel} was handed pages {first}..{} of region {region}, outside the region", first.saturating_add(u64::from(*count)))]
+    OutsideRegion {
+        /// The bulk channel's index.
+        channel: usize,
+        /// The region id.
+        region: u16,
+        /// First page.
+        first: u64,
+        /// Pages.
+        count: u32,
+    },
+    /// The sender thread panicked.
+    #[error("the sender thread of bulk channel {channel} panicked")]
+    Panicked {
+        /// The bulk channel's index.
+        channel: usize,
+    },
+}
 
 /// Paces a sender to a byte rate.
 struct Pacer {
@@ -54,7 +105,7 @@ pub(super) fn sender_thread(
     neg: &Negotiated,
     cap: Option<u64>,
     progress: &SendProgress,
-) -> Result<SenderStats, String> {
+) -> Result<SenderStats, SenderError> {
     let mut s = Sender {
         index,
         chan,
@@ -74,22 +125,18 @@ pub(super) fn sender_thread(
     // (its queue closed): then the channel closes without one.
     while let Ok(job) = jobs.recv() {
         match job {
-            Job::Marker => s.control(Repr::PostcopyListen, "switchover marker")?,
+            Job::Marker => s.control(Repr::PostcopyListen, "sending the switchover marker")?,
             Job::Pages(work) => s.pages(work, false)?,
             Job::Requested(w) => s.pages(vec![w], true)?,
             Job::Flush(ack) => {
-                let r = s
-                    .progress
-                    .during(|| s.chan.flush())
-                    .map_err(|e| s.fail("flush", &e));
-                let failed = r.is_err();
-                let _ = ack.send(r);
-                if failed {
-                    return Err(s.fail("flush", &"failed"));
-                }
+                // The ack only says whether it worked: the cause is this
+                // thread's result, which the migration gets when it joins it.
+                let r = s.progress.during(|| s.chan.flush());
+                let _ = ack.send(if r.is_ok() { Ok(()) } else { Err(FlushFailed) });
+                r.map_err(|source| s.transport("flushing", source))?;
             }
             Job::End => {
-                s.control(Repr::End, "end of stream")?;
+                s.control(Repr::End, "sending the end of the stream")?;
                 break;
             }
         }
@@ -98,21 +145,34 @@ pub(super) fn sender_thread(
 }
 
 impl Sender<'_, '_> {
-    fn fail(&self, what: &str, e: &dyn std::fmt::Display) -> String {
-        format!("bulk channel {}: {what}: {e}", self.index)
+    /// A transport failure of this channel while doing `what`.
+    fn transport(&self, what: &'static str, source: ferry_uring::Error) -> SenderError {
+        SenderError::Transport {
+            channel: self.index,
+            what,
+            source,
+        }
+    }
+
+    /// A record of this channel that did not encode.
+    fn encode_failed(&self, source: wire::EmitError) -> SenderError {
+        SenderError::Encode {
+            channel: self.index,
+            source,
+        }
     }
 
     /// Encodes a header-only record.
-    fn header(&mut self, repr: &Repr) -> Result<[u8; HEADER_LEN], String> {
+    fn header(&mut self, repr: &Repr) -> Result<[u8; HEADER_LEN], SenderError> {
         let mut header = [0u8; HEADER_LEN];
         self.enc
             .encode_with_crc(repr, 0, &mut header)
-            .map_err(|e| self.fail("encoding", &e))?;
+            .map_err(|e| self.encode_failed(e))?;
         Ok(header)
     }
 
     /// Sends a header-only record at once (a marker or the end).
-    fn control(&mut self, repr: Repr, what: &str) -> Result<(), String> {
+    fn control(&mut self, repr: Repr, what: &'static str) -> Result<(), SenderError> {
         let header = self.header(&repr)?;
         let (chan, progress) = (&mut self.chan, self.progress);
         progress
@@ -123,18 +183,21 @@ impl Sender<'_, '_> {
                 }])
                 .and_then(|_| chan.flush())
             })
-            .map_err(|e| self.fail(what, &e))?;
+            .map_err(|e| self.transport(what, e))?;
         self.stats.bytes += HEADER_LEN as u64;
         Ok(())
     }
 
     /// A batch of page runs (zero pages as zero runs on the first pass).
-    fn pages(&mut self, work: Vec<PageWork>, requested: bool) -> Result<(), String> {
+    fn pages(&mut self, work: Vec<PageWork>, requested: bool) -> Result<(), SenderError> {
         self.recs.clear();
         self.batch_bytes = 0;
         for w in work {
             let Some(region) = self.ram.region(w.region).copied() else {
-                return Err(self.fail("page run", &format!("unknown region {}", w.region)));
+                return Err(SenderError::UnknownRegion {
+                    channel: self.index,
+                    region: w.region,
+                });
             };
             if !w.detect_zero {
                 self.push_run(&region, w.first, w.count, false, requested, w.paused)?;
@@ -163,14 +226,14 @@ impl Sender<'_, '_> {
         let (chan, progress) = (&mut self.chan, self.progress);
         let sent = progress
             .during(|| chan.send(&recs))
-            .map_err(|e| self.fail("send", &e));
+            .map_err(|e| self.transport("sending pages", e));
         self.recs = recs;
         sent?;
         if requested {
             let (chan, progress) = (&mut self.chan, self.progress);
             progress
                 .during(|| chan.flush())
-                .map_err(|e| self.fail("flush", &e))?;
+                .map_err(|e| self.transport("flushing", e))?;
         }
         if let Some(p) = self.pacer.as_mut() {
             p.wait(self.batch_bytes);
@@ -187,7 +250,7 @@ impl Sender<'_, '_> {
         zero: bool,
         requested: bool,
         paused: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), SenderError> {
         if zero {
             let header = self.header(&Repr::ZeroRun {
                 region: region.id,
@@ -206,8 +269,14 @@ impl Sender<'_, '_> {
         // SAFETY: a read that tolerates tearing: if the guest writes the
         // pages before they leave, the checksum fails on the destination,
         // which asks again, and the write re-dirtied the pages anyway.
-        let bytes = unsafe { region.pages_slice(first, u64::from(count)) }
-            .ok_or_else(|| self.fail("page run", &"pages outside the region"))?;
+        let bytes = unsafe { region.pages_slice(first, u64::from(count)) }.ok_or(
+            SenderError::OutsideRegion {
+                channel: self.index,
+                region: region.id,
+                first,
+                count,
+            },
+        )?;
         let crc = wire::payload_crc(bytes);
         let mut header = [0u8; HEADER_LEN];
         self.enc
@@ -222,7 +291,7 @@ impl Sender<'_, '_> {
                 crc,
                 &mut header,
             )
-            .map_err(|e| self.fail("encoding", &e))?;
+            .map_err(|e| self.encode_failed(e))?;
         let len = u64::from(count) * PAGE_SIZE;
         self.recs.push(OutRecord {
             header,

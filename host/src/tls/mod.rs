@@ -87,10 +87,13 @@ pub enum TlsError {
     Config(rustls::Error),
     /// The client-certificate verifier could not be built from the CA.
     #[error("the CA certificates cannot verify clients: {0}")]
-    Verifier(String),
-    /// Generating a certificate failed.
+    Verifier(#[source] rustls::server::VerifierBuilderError),
+    /// Generating a certificate or its key failed.
     #[error("could not generate a certificate: {0}")]
-    Generate(String),
+    Generate(#[source] rcgen::Error),
+    /// A generated key is not a private key rustls takes (a bug).
+    #[error("a generated key is unusable: {0}")]
+    GeneratedKey(&'static str),
     /// Writing generated credentials failed.
     #[error("could not write {}: {source}", path.display())]
     Write {
@@ -353,14 +356,13 @@ fn provider() -> Arc<CryptoProvider> {
 /// A throw-away self-signed certificate (PSK mode: the key, not the certificate, proves
 /// who the peer is).
 fn throwaway() -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), TlsError> {
-    let g = |e: rcgen::Error| TlsError::Generate(e.to_string());
+    let g = TlsError::Generate;
     let key = rcgen::KeyPair::generate().map_err(g)?;
     let cert = rcgen::CertificateParams::new(vec!["ferry-psk".to_string()])
         .map_err(g)?
         .self_signed(&key)
         .map_err(g)?;
-    let der =
-        PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| TlsError::Generate(e.into()))?;
+    let der = PrivateKeyDer::try_from(key.serialize_der()).map_err(TlsError::GeneratedKey)?;
     Ok((cert.der().clone(), der))
 }
 
@@ -556,7 +558,7 @@ impl DestinationTls {
         let verifier =
             WebPkiClientVerifier::builder_with_provider(Arc::new(creds.roots()?), p.clone())
                 .build()
-                .map_err(|e| TlsError::Verifier(e.to_string()))?;
+                .map_err(TlsError::Verifier)?;
         let config = ServerConfig::builder_with_provider(p)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(TlsError::Config)?
@@ -769,7 +771,7 @@ pub fn generate_x509(
         BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
         IsCa, KeyPair, KeyUsagePurpose,
     };
-    let g = |e: rcgen::Error| TlsError::Generate(e.to_string());
+    let g = TlsError::Generate;
     std::fs::create_dir_all(dir).map_err(|source| TlsError::Write {
         path: dir.into(),
         source,
