@@ -682,6 +682,15 @@ impl PageInstaller {
         Ok(pages)
     }
 
+    /// Whether `page` of `region` is in the discard map (tests).
+    #[cfg(test)]
+    fn is_stale_for_test(&self, region: u16, page: u64) -> bool {
+        self.stale
+            .get(usize::from(region))
+            .and_then(|w| w.get((page / 64) as usize))
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (page % 64)) != 0)
+    }
+
     /// The second mapping's bytes of a run (in-place mode), for a receive
     /// or a checksum.
     ///
@@ -1494,6 +1503,42 @@ impl Zapper {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_discard_map_is_checked_before_it_is_kept() {
+        // 200 pages of one region; nothing is written through the installer here.
+        let mut backing = vec![0u8; 200 * PAGE_SIZE as usize];
+        let host = std::ptr::NonNull::new(backing.as_mut_ptr()).expect("a buffer");
+        // SAFETY: the buffer is readable and writable and outlives `ram`.
+        let ram = unsafe { Ram::from_raw(&[(0, host, backing.len() as u64)]) };
+        let inst = PageInstaller::new(&ram);
+        let words = |w: &[u64]| -> Vec<u8> { w.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        // Pages 64..=127 and 130, 131: 66 pages.
+        let named = inst.add_discard_map(0, 64, 136, &words(&[u64::MAX, 0b1100, 0]));
+        assert_eq!(named.expect("a good map"), 66);
+        assert!(inst.is_stale_for_test(0, 64) && inst.is_stale_for_test(0, 131));
+        assert!(!inst.is_stale_for_test(0, 63) && !inst.is_stale_for_test(0, 132));
+        // The same pages again name nothing new.
+        let again = inst.add_discard_map(0, 128, 8, &words(&[0b1100]));
+        assert_eq!(again.expect("a good map"), 0);
+        let refused = |region, first, count, map: &[u8]| {
+            matches!(
+                inst.add_discard_map(region, first, count, map),
+                Err(PostcopyError::OutOfRange { .. })
+            )
+        };
+        // A bit past `count` (page 70 of a 70-page map).
+        assert!(refused(0, 0, 70, &words(&[0, 1 << 6])));
+        // Not a multiple of 64.
+        assert!(refused(0, 1, 8, &words(&[1])));
+        // A payload of the wrong length.
+        assert!(refused(0, 0, 64, &words(&[1, 0])));
+        // Past the region, and another region.
+        assert!(refused(0, 192, 64, &words(&[1])));
+        assert!(refused(1, 0, 64, &words(&[1])));
+        // None of the refused maps left a mark.
+        assert!(!inst.is_stale_for_test(0, 0) && !inst.is_stale_for_test(0, 192));
+    }
 
     #[test]
     fn fault_path_threads_get_their_nice_value_and_slice() {

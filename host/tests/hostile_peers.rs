@@ -1341,6 +1341,21 @@ fn control_records_out_of_order_are_refused() {
             |case, e| check_not_negotiated(case, e, ChannelRole::Control),
         ),
         (
+            "a discard map without postcopy",
+            false,
+            |p| {
+                p.ctl(
+                    Repr::DiscardMap {
+                        region: 0,
+                        first: 0,
+                        count: 64,
+                    },
+                    &[0xff; 8],
+                )
+            },
+            |case, e| check_not_negotiated(case, e, ChannelRole::Control),
+        ),
+        (
             "postcopy run before go",
             true,
             |p| p.ctl(Repr::PostcopyRun, &[]),
