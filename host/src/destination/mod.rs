@@ -20,13 +20,16 @@
 //! into a second mapping and mapped with `UFFDIO_CONTINUE` after switchover.
 //! The records of a postcopy migration, in order:
 //!
-//! - bulk channels: page runs; at switchover `Discard` runs for pages that
-//!   changed after they were sent, then a `PostcopyListen` marker; after *go*
-//!   the background stream of the remaining pages; `End`.
-//! - control channel (RAM in postcopy): `PostcopyListen`, device sections,
-//!   `End`; the destination waits for every bulk marker, arms userfaultfd
-//!   (zapping every page not received intact) and answers *ready*; then `Go`
-//!   (the guest starts), `PostcopyRun`, postcopy-only sections, `End`.
+//! - bulk channels: page runs; at switchover a `PostcopyListen` marker; after
+//!   *go* the background stream of the remaining pages; `End`. (A `Discard`
+//!   run is still taken before switchover, though Ferry's source no longer
+//!   sends one.)
+//! - control channel (RAM in postcopy): `PostcopyListen`, the discard map
+//!   (`DiscardMap`: pages that changed after they were sent), device
+//!   sections, `End`; the destination waits for every bulk marker, arms
+//!   userfaultfd (dropping the pages of the map, and zapping every page not
+//!   received intact) and answers *ready*; then `Go` (the guest starts),
+//!   `PostcopyRun`, postcopy-only sections, `End`.
 //! - control channel (only postcopy-only sections follow): `StopAndCopy`,
 //!   device sections, `PostcopyListen`, `End`, *ready*, `Go`, `PostcopyRun`,
 //!   postcopy-only sections, `End`.
