@@ -7,10 +7,45 @@
 use std::io::{self, Read, Write};
 
 use crate::link::Conn;
-use ferry_uring::tls::{send_all, Direction, Protection, RecordReader, HEADER, MAX_PLAINTEXT, TAG};
+use ferry_uring::tls::{
+    send_all, Direction, Protection, RecordError, RecordReader, HEADER, MAX_PLAINTEXT, TAG,
+};
 
 /// Plaintext sealed per send: up to 16 records.
-const BATCH_PLAIN: usize = 16 * MAX_PLAINTEXT;
+pub(super) const BATCH_PLAIN: usize = 16 * MAX_PLAINTEXT;
+
+/// A buffer that holds the records of [`BATCH_PLAIN`] bytes of plaintext.
+pub(super) fn batch_buffer() -> Vec<u8> {
+    vec![0u8; (BATCH_PLAIN / MAX_PLAINTEXT) * (HEADER + MAX_PLAINTEXT + 1 + TAG)]
+}
+
+/// Seals `plain` (at most [`BATCH_PLAIN`] bytes) into records at the start of `wire` (a
+/// [`batch_buffer`]); returns their length.
+pub(super) fn seal_batch(
+    tx: &mut Direction,
+    plain: &[u8],
+    wire: &mut [u8],
+) -> Result<usize, RecordError> {
+    let mut out = 0;
+    for chunk in plain.chunks(MAX_PLAINTEXT) {
+        let rec = &mut wire[out..out + HEADER + chunk.len() + 1 + TAG];
+        rec[HEADER..HEADER + chunk.len()].copy_from_slice(chunk);
+        out += tx.seal(rec, chunk.len())?;
+    }
+    Ok(out)
+}
+
+/// Ends the sending direction of `net` the orderly way: `close_notify`, then a half close.
+pub(super) fn close_write(tx: &mut Direction, net: &Conn) {
+    let mut rec = [0u8; HEADER + 2 + 1 + TAG];
+    if let Ok(len) = tx.seal_close_notify(&mut rec) {
+        let _ = send_all(net.fd(), &rec[..len]);
+    }
+    let _ = match net {
+        Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+        Conn::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+    };
+}
 
 /// The receiving half: records are read in large chunks and opened in place; a record that
 /// fails to open is an error (its [`ferry_uring::tls::RecordError`] inside the `io::Error`),
@@ -40,16 +75,8 @@ pub struct SealedWriter {
 impl Write for SealedWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let take = buf.len().min(BATCH_PLAIN);
-        let mut out = 0;
-        for chunk in buf[..take].chunks(MAX_PLAINTEXT) {
-            let end = out + HEADER + chunk.len() + 1 + TAG;
-            let rec = self
-                .wire
-                .get_mut(out..end)
-                .ok_or_else(|| io::Error::other("the record buffer is too small"))?;
-            rec[HEADER..HEADER + chunk.len()].copy_from_slice(chunk);
-            out += self.tx.seal(rec, chunk.len()).map_err(io::Error::other)?;
-        }
+        let out =
+            seal_batch(&mut self.tx, &buf[..take], &mut self.wire).map_err(io::Error::other)?;
         send_all(self.net.fd(), &self.wire[..out])?;
         Ok(take)
     }
@@ -61,14 +88,7 @@ impl Write for SealedWriter {
 
 impl Drop for SealedWriter {
     fn drop(&mut self) {
-        let mut rec = [0u8; HEADER + 2 + 1 + TAG];
-        if let Ok(len) = self.tx.seal_close_notify(&mut rec) {
-            let _ = send_all(self.net.fd(), &rec[..len]);
-        }
-        let _ = match &self.net {
-            Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
-            Conn::Unix(s) => s.shutdown(std::net::Shutdown::Write),
-        };
+        close_write(&mut self.tx, &self.net);
     }
 }
 
@@ -78,11 +98,10 @@ pub fn halves(net: Conn, protection: Protection) -> io::Result<(OpenedReader, Se
         records: RecordReader::new(net.fd(), protection.rx),
         _net: net.try_clone()?,
     };
-    let per = HEADER + MAX_PLAINTEXT + 1 + TAG;
     let writer = SealedWriter {
         net,
         tx: protection.tx,
-        wire: vec![0u8; (BATCH_PLAIN / MAX_PLAINTEXT) * per],
+        wire: batch_buffer(),
     };
     Ok((reader, writer))
 }

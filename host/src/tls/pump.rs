@@ -15,13 +15,9 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
+use super::direct::{batch_buffer, close_write, seal_batch, BATCH_PLAIN};
 use crate::link::Conn;
-use ferry_uring::tls::{
-    send_all, Direction, RecordError, RecordReader, HEADER, MAX_PLAINTEXT, TAG,
-};
-
-/// Plaintext read from the migration side per batch of records.
-const BATCH_PLAIN: usize = 16 * MAX_PLAINTEXT;
+use ferry_uring::tls::{send_all, Direction, RecordError, RecordReader, MAX_PLAINTEXT};
 /// Socket buffers of the local pair: large, so a bulk channel's batches fit.
 const LOCAL_BUFFER: libc::c_int = 4 << 20;
 
@@ -87,29 +83,23 @@ fn keep(fault: &Fault, e: RecordError) {
 
 /// Migration side to network: seal batches of up to 16 records, one send each.
 fn outbound(local: UnixStream, net: Conn, mut tx: Direction, fault: Fault) {
-    let per = HEADER + MAX_PLAINTEXT + 1 + TAG;
     let mut plain = vec![0u8; BATCH_PLAIN];
-    let mut wire = vec![0u8; (BATCH_PLAIN / MAX_PLAINTEXT) * per];
+    let mut wire = batch_buffer();
     let (lfd, nfd) = (local.as_raw_fd(), net.fd());
     loop {
         let n = match recv_some(lfd, &mut plain) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let mut out = 0;
-        for chunk in plain[..n].chunks(MAX_PLAINTEXT) {
-            let rec = &mut wire[out..out + HEADER + chunk.len() + 1 + TAG];
-            rec[HEADER..HEADER + chunk.len()].copy_from_slice(chunk);
-            match tx.seal(rec, chunk.len()) {
-                Ok(len) => out += len,
-                Err(e) => {
-                    keep(&fault, e);
-                    let _ = net.shutdown();
-                    let _ = local.shutdown(std::net::Shutdown::Both);
-                    return;
-                }
+        let out = match seal_batch(&mut tx, &plain[..n], &mut wire) {
+            Ok(out) => out,
+            Err(e) => {
+                keep(&fault, e);
+                let _ = net.shutdown();
+                let _ = local.shutdown(std::net::Shutdown::Both);
+                return;
             }
-        }
+        };
         if send_all(nfd, &wire[..out]).is_err() {
             let _ = local.shutdown(std::net::Shutdown::Both);
             let _ = net.shutdown();
@@ -117,15 +107,7 @@ fn outbound(local: UnixStream, net: Conn, mut tx: Direction, fault: Fault) {
         }
     }
     // The migration side is done: tell the peer, then end this direction.
-    let mut rec = [0u8; HEADER + 2 + 1 + TAG];
-    if let Ok(len) = tx.seal_close_notify(&mut rec) {
-        let _ = send_all(nfd, &rec[..len]);
-    }
-    if let Conn::Tcp(s) = &net {
-        let _ = s.shutdown(std::net::Shutdown::Write);
-    } else if let Conn::Unix(s) = &net {
-        let _ = s.shutdown(std::net::Shutdown::Write);
-    }
+    close_write(&mut tx, &net);
 }
 
 /// Network to migration side: the record reader opens what arrives (read in large chunks)
