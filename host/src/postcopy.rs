@@ -494,6 +494,14 @@ pub enum Via {
     Request,
 }
 
+/// Whether `page` of `region` is set in per-region page bitmaps.
+fn bit_set(bitmaps: &[Vec<AtomicU64>], region: u16, page: u64) -> bool {
+    bitmaps
+        .get(usize::from(region))
+        .and_then(|w| w.get((page / 64) as usize))
+        .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (page % 64)) != 0)
+}
+
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
 enum Arm {
     Waiting,
@@ -685,10 +693,7 @@ impl PageInstaller {
     /// Whether `page` of `region` is in the discard map (tests).
     #[cfg(test)]
     fn is_stale_for_test(&self, region: u16, page: u64) -> bool {
-        self.stale
-            .get(usize::from(region))
-            .and_then(|w| w.get((page / 64) as usize))
-            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (page % 64)) != 0)
+        bit_set(&self.stale, region, page)
     }
 
     /// The second mapping's bytes of a run (in-place mode), for a receive
@@ -774,10 +779,7 @@ impl PageInstaller {
 
     /// Whether `page` of `region` arrived.
     pub fn has(&self, region: u16, page: u64) -> bool {
-        self.received
-            .get(usize::from(region))
-            .and_then(|w| w.get((page / 64) as usize))
-            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (page % 64)) != 0)
+        bit_set(&self.received, region, page)
     }
 
     /// Sets the received bits of a run; returns how many were newly set.

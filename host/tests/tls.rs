@@ -261,6 +261,26 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
+/// Every recorded connection opens with a TLS ClientHello and carries neither guest bytes
+/// nor the device state in clear.
+fn assert_nothing_readable(sent: &[Vec<u8>]) {
+    for (i, c) in sent.iter().enumerate() {
+        assert_eq!(
+            &c[..3],
+            &[0x16, 0x03, 0x01],
+            "connection {i} opens with a TLS ClientHello"
+        );
+        assert!(
+            !contains(c, SECRET),
+            "connection {i} carries guest bytes in clear"
+        );
+        assert!(
+            !contains(c, b"registers of the writer"),
+            "connection {i} carries device state in clear"
+        );
+    }
+}
+
 #[test]
 fn psk_match_migrates_byte_exact_and_the_wire_shows_nothing() {
     let g = Guests::new();
@@ -286,21 +306,7 @@ fn psk_match_migrates_byte_exact_and_the_wire_shows_nothing() {
         all as u64 > GUEST / 2,
         "the guest's pages crossed the relay ({all} bytes)"
     );
-    for (i, c) in sent.iter().enumerate() {
-        assert_eq!(
-            &c[..3],
-            &[0x16, 0x03, 0x01],
-            "connection {i} opens with a TLS ClientHello"
-        );
-        assert!(
-            !contains(c, SECRET),
-            "connection {i} carries guest bytes in clear"
-        );
-        assert!(
-            !contains(c, b"registers of the writer"),
-            "connection {i} carries device state in clear"
-        );
-    }
+    assert_nothing_readable(&sent);
 }
 
 #[test]
@@ -807,15 +813,5 @@ fn encrypted_postcopy_serves_faults_on_the_urgent_connection() {
         sent[3].len(),
         spc.pages_requested
     );
-    for (i, c) in sent.iter().enumerate() {
-        assert_eq!(
-            &c[..3],
-            &[0x16, 0x03, 0x01],
-            "connection {i} opens with a ClientHello"
-        );
-        assert!(
-            !contains(c, SECRET),
-            "connection {i} carries guest bytes in clear"
-        );
-    }
+    assert_nothing_readable(&sent);
 }
