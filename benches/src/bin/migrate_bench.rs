@@ -1,13 +1,19 @@
 //! End-to-end migration benchmark: real KVM guests migrated by `ferry demo`
 //! (two processes over loopback TCP), beside the loopback TCP ceiling measured
 //! in the same run the standard way (one stream and two, 1 MiB writes, 3 s,
-//! as iperf3); "% raw" is against the one-stream figure.
+//! as iperf3), right before each migration; "% raw" is the median of each
+//! run's throughput against the one-stream ceiling measured before it.
 //!
 //! ```text
 //! cargo build --release -p ferry-cli --bin ferry -p ferry-benches --bin migrate_bench
 //! target/release/migrate_bench [--runs 3] [--sizes 1G,4G] [--rates 0,50M,500M]
-//!     [--channels 1,2] [--tls] [--postcopy] [--json]
+//!     [--channels 1,2] [--huge-pages thp,none] [--downtime-ms 50]
+//!     [--tls] [--postcopy] [--json]
 //! ```
+//!
+//! `--huge-pages` names what backs guest RAM on both sides (`ferry demo
+//! --huge-pages`): `thp` (the default, transparent huge pages) and `none`
+//! (4 KiB pages); each named kind runs as its own row, one beside the other.
 //!
 //! Migrations run in clear text (`--insecure`) unless `--tls` is given: then
 //! each configuration runs twice, in clear text and encrypted (TLS 1.3 with
@@ -16,7 +22,11 @@
 //! a configuration are into memfd RAM, in clear text and encrypted (`memfd-tls`).
 //!
 //! Each configuration runs `--runs` times; the table shows medians (and the
-//! worst downtime, since the limit is a ceiling that no run may cross).
+//! worst downtime, since the limit is a ceiling that no run may cross). The
+//! configurations of one guest size and dirty rate take turns run by run, so
+//! that rows compared with one another meet the same drift of a shared machine. The
+//! policy's downtime limit is `--downtime-ms` (default 50, the issue's goal at
+//! 500 MB/s; `ferry demo` alone defaults to QEMU's 300).
 //!
 //! With `--postcopy` (default rates: 500M) every migration switches to
 //! postcopy after the first pass, and each configuration runs twice: into
@@ -130,6 +140,16 @@ fn main() {
         .filter_map(|c| c.trim().parse().ok())
         .filter(|&c| c > 0)
         .collect();
+    let pages: Vec<String> = get("--huge-pages")
+        .unwrap_or_else(|| "thp".into())
+        .split(',')
+        .map(|p| p.trim().to_string())
+        .filter(|p| p == "thp" || p == "none")
+        .collect();
+    if pages.is_empty() {
+        eprintln!("migrate_bench: --huge-pages takes thp, none or both");
+        std::process::exit(2);
+    }
     let tls = args.iter().any(|a| a == "--tls");
     let variants: &[&str] = match (postcopy, tls) {
         (true, true) => &["memfd", "memfd-tls"],
@@ -137,6 +157,11 @@ fn main() {
         (false, true) => &["plain", "tls"],
         (false, false) => &["plain"],
     };
+    // The issue's goals are a worst of 50 ms at 500 MB/s: the benchmark asks
+    // the policy for that, not for the demo's 300 ms default.
+    let downtime_ms: u64 = get("--downtime-ms")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
     let json_out = args.iter().any(|a| a == "--json");
     let ferry = match std::env::current_exe() {
         Ok(p) => p.with_file_name("ferry"),
@@ -154,16 +179,37 @@ fn main() {
         std::process::exit(1);
     }
 
+    // The configurations that are compared with one another (channels, page
+    // kinds, clear text and encrypted, memfd and anonymous) take turns, run
+    // by run, so that the machine's drift over minutes falls on all of them.
     let mut rows = Vec::new();
     for &size in &sizes {
         for &rate in &rates {
+            let mut block = Vec::new();
             for &chans in &channels {
-                for &variant in variants {
-                    rows.push(run_config(
-                        &ferry, size, rate, chans, variant, postcopy, runs,
-                    ));
+                for page in &pages {
+                    for &variant in variants {
+                        block.push((
+                            Config {
+                                size,
+                                rate,
+                                chans,
+                                pages: page,
+                                variant,
+                                postcopy,
+                                downtime_ms,
+                            },
+                            Samples::default(),
+                        ));
+                    }
                 }
             }
+            for run in 0..runs {
+                for (c, s) in &mut block {
+                    run_once(&ferry, c, run, runs, s);
+                }
+            }
+            rows.extend(block.into_iter().map(|(c, s)| row(&c, runs, s)));
         }
     }
 
@@ -171,136 +217,171 @@ fn main() {
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &json!({ "downtime_limit_ms": 300, "postcopy": postcopy, "rows": rows })
+                &json!({ "downtime_limit_ms": downtime_ms, "postcopy": postcopy, "rows": rows })
             )
             .unwrap_or_default()
         );
         return;
     }
     if postcopy {
-        print_postcopy(&rows, runs);
+        print_postcopy(&rows, runs, downtime_ms);
     } else {
-        print_precopy(&rows, runs);
+        print_precopy(&rows, runs, downtime_ms);
     }
 }
 
-/// Runs one configuration `runs` times; its row of medians.
-fn run_config(
-    ferry: &std::path::Path,
+/// One configuration of the matrix.
+struct Config<'a> {
     size: u64,
     rate: u64,
     chans: usize,
-    variant: &str,
+    pages: &'a str,
+    variant: &'a str,
     postcopy: bool,
-    runs: usize,
-) -> Value {
-    let mut total_s = Vec::new();
-    let mut downtime = Vec::new();
-    let mut thr = Vec::new();
-    let mut rounds = Vec::new();
-    let mut ceiling = Vec::new();
-    let mut ceiling2 = Vec::new();
-    let (mut p50, mut p99, mut p999, mut speed) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut failures = 0;
-    let mut mismatches = 0u64;
-    for run in 0..runs {
-        // The ceiling, measured right before each run it is compared with.
-        match raw_ceiling(1, 3.0) {
-            Ok(c) => ceiling.push(c),
-            Err(e) => eprintln!("migrate_bench: raw ceiling failed: {e}"),
+    downtime_ms: u64,
+}
+
+/// What the runs of one configuration measured, run by run.
+#[derive(Default)]
+struct Samples {
+    total_s: Vec<f64>,
+    downtime: Vec<f64>,
+    thr: Vec<f64>,
+    rounds: Vec<f64>,
+    ceiling: Vec<f64>,
+    ceiling2: Vec<f64>,
+    /// Each run's throughput against the ceiling measured right before it.
+    vs_ceiling: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    p999: Vec<f64>,
+    speed: Vec<f64>,
+    failures: u32,
+    mismatches: u64,
+}
+
+/// Runs one migration of `c` and adds what it measured to `s`, beside the
+/// loopback ceiling measured right before it.
+fn run_once(ferry: &std::path::Path, c: &Config<'_>, run: usize, runs: usize, s: &mut Samples) {
+    let ceiling = match raw_ceiling(1, 3.0) {
+        Ok(v) => {
+            s.ceiling.push(v);
+            Some(v)
         }
-        match raw_ceiling(2, 3.0) {
-            Ok(c) => ceiling2.push(c),
-            Err(e) => eprintln!("migrate_bench: two-stream ceiling failed: {e}"),
+        Err(e) => {
+            eprintln!("migrate_bench: raw ceiling failed: {e}");
+            None
         }
-        eprintln!(
-            "migrate_bench: {} GiB guest dirtying {} MB/s, {chans} channel(s){}, run {}/{}",
-            size >> 30,
-            rate >> 20,
-            if postcopy {
-                format!(", postcopy into {variant} RAM")
-            } else {
-                String::new()
-            },
-            run + 1,
-            runs
-        );
-        let mut cmd = Command::new(ferry);
-        cmd.args([
-            "demo",
-            "--json",
-            "--mem",
-            &size.to_string(),
-            "--dirty-rate",
-            &rate.to_string(),
-            "--channels",
-            &chans.to_string(),
-        ]);
-        if postcopy {
-            cmd.arg("--postcopy");
-        }
-        if variant == "anonymous" {
-            cmd.arg("--anonymous");
-        }
-        if !variant.ends_with("tls") {
-            cmd.arg("--insecure");
-        }
-        let r: Option<Value> = cmd
-            .output()
-            .ok()
-            .and_then(|o| serde_json::from_slice(&o.stdout).ok());
-        match r {
-            Some(r) if r["ok"] == true => {
-                total_s.push(r["source"]["total_ns"].as_f64().unwrap_or(f64::NAN) / 1e9);
-                downtime.push(r["downtime_ms"].as_f64().unwrap_or(f64::NAN));
-                thr.push(r["source"]["throughput"].as_f64().unwrap_or(f64::NAN));
-                rounds.push(r["source"]["rounds"].as_f64().unwrap_or(f64::NAN));
-                mismatches += r["destination"]["verify_mismatches"].as_u64().unwrap_or(0);
-                let pc = &r["destination"]["postcopy"]["fault_latency"];
-                p50.push(pc["p50_ns"].as_f64().unwrap_or(f64::NAN) / 1e3);
-                p99.push(pc["p99_ns"].as_f64().unwrap_or(f64::NAN) / 1e3);
-                p999.push(pc["p999_ns"].as_f64().unwrap_or(f64::NAN) / 1e3);
-                let before = r["guest_rate_before"].as_f64().unwrap_or(f64::NAN);
-                let during = r["destination"]["guest_rate_in_postcopy"]
-                    .as_f64()
-                    .unwrap_or(f64::NAN);
-                speed.push(100.0 * during / before);
+    };
+    match raw_ceiling(2, 3.0) {
+        Ok(v) => s.ceiling2.push(v),
+        Err(e) => eprintln!("migrate_bench: two-stream ceiling failed: {e}"),
+    }
+    eprintln!(
+        "migrate_bench: {} GiB guest ({} pages) dirtying {} MB/s, {} channel(s){}, run {}/{}",
+        c.size >> 30,
+        c.pages,
+        c.rate >> 20,
+        c.chans,
+        if c.postcopy {
+            format!(", postcopy into {} RAM", c.variant)
+        } else {
+            format!(", {}", c.variant)
+        },
+        run + 1,
+        runs
+    );
+    let mut cmd = Command::new(ferry);
+    cmd.args([
+        "demo",
+        "--json",
+        "--mem",
+        &c.size.to_string(),
+        "--dirty-rate",
+        &c.rate.to_string(),
+        "--channels",
+        &c.chans.to_string(),
+        "--huge-pages",
+        c.pages,
+        "--downtime-ms",
+        &c.downtime_ms.to_string(),
+    ]);
+    if c.postcopy {
+        cmd.arg("--postcopy");
+    }
+    if c.variant == "anonymous" {
+        cmd.arg("--anonymous");
+    }
+    if !c.variant.ends_with("tls") {
+        cmd.arg("--insecure");
+    }
+    let r: Option<Value> = cmd
+        .output()
+        .ok()
+        .and_then(|o| serde_json::from_slice(&o.stdout).ok());
+    match r {
+        Some(r) if r["ok"] == true => {
+            s.total_s
+                .push(r["source"]["total_ns"].as_f64().unwrap_or(f64::NAN) / 1e9);
+            s.downtime
+                .push(r["downtime_ms"].as_f64().unwrap_or(f64::NAN));
+            let thr = r["source"]["throughput"].as_f64().unwrap_or(f64::NAN);
+            s.thr.push(thr);
+            if let Some(c) = ceiling {
+                s.vs_ceiling.push(thr / c);
             }
-            Some(r) => {
-                failures += 1;
-                eprintln!("migrate_bench: run failed: {}", r["error"]);
-            }
-            None => {
-                failures += 1;
-                eprintln!("migrate_bench: run printed no report");
-            }
+            s.rounds
+                .push(r["source"]["rounds"].as_f64().unwrap_or(f64::NAN));
+            s.mismatches += r["destination"]["verify_mismatches"].as_u64().unwrap_or(0);
+            let pc = &r["destination"]["postcopy"]["fault_latency"];
+            s.p50.push(pc["p50_ns"].as_f64().unwrap_or(f64::NAN) / 1e3);
+            s.p99.push(pc["p99_ns"].as_f64().unwrap_or(f64::NAN) / 1e3);
+            s.p999
+                .push(pc["p999_ns"].as_f64().unwrap_or(f64::NAN) / 1e3);
+            let before = r["guest_rate_before"].as_f64().unwrap_or(f64::NAN);
+            let during = r["destination"]["guest_rate_in_postcopy"]
+                .as_f64()
+                .unwrap_or(f64::NAN);
+            s.speed.push(100.0 * during / before);
+        }
+        Some(r) => {
+            s.failures += 1;
+            eprintln!("migrate_bench: run failed: {}", r["error"]);
+        }
+        None => {
+            s.failures += 1;
+            eprintln!("migrate_bench: run printed no report");
         }
     }
-    let worst = downtime.iter().cloned().fold(f64::NAN, f64::max);
-    let c = median(&mut ceiling);
-    let t = median(&mut thr);
+}
+
+/// One configuration's row: medians of its runs, and the worst downtime.
+fn row(c: &Config<'_>, runs: usize, mut s: Samples) -> Value {
+    let worst = s.downtime.iter().cloned().fold(f64::NAN, f64::max);
     json!({
-        "guest_bytes": size,
-        "dirty_rate": rate,
-        "channels": chans,
-        "ram": variant.trim_end_matches("-tls"),
-        "variant": variant,
-        "link": if variant.ends_with("tls") { "tls" } else { "plain" },
+        "guest_bytes": c.size,
+        "dirty_rate": c.rate,
+        "channels": c.chans,
+        "huge_pages": c.pages,
+        "ram": c.variant.trim_end_matches("-tls"),
+        "variant": c.variant,
+        "link": if c.variant.ends_with("tls") { "tls" } else { "plain" },
         "runs": runs,
-        "failures": failures,
-        "verify_mismatches": mismatches,
-        "total_s_median": median(&mut total_s),
-        "downtime_ms_median": median(&mut downtime),
+        "failures": s.failures,
+        "verify_mismatches": s.mismatches,
+        "total_s_median": median(&mut s.total_s),
+        "total_s_max": s.total_s.iter().cloned().fold(f64::NAN, f64::max),
+        "downtime_ms_median": median(&mut s.downtime),
         "downtime_ms_max": worst,
-        "throughput_median": t,
-        "ceiling_median": c,
-        "ceiling_two_streams_median": median(&mut ceiling2),
-        "throughput_vs_ceiling": t / c,
-        "rounds_median": median(&mut rounds),
-        "fault_p50_us_median": median(&mut p50),
-        "fault_p99_us_median": median(&mut p99),
-        "fault_p999_us_median": median(&mut p999),
-        "guest_speed_pct_median": median(&mut speed),
+        "throughput_median": median(&mut s.thr),
+        "ceiling_median": median(&mut s.ceiling),
+        "ceiling_two_streams_median": median(&mut s.ceiling2),
+        "throughput_vs_ceiling": median(&mut s.vs_ceiling),
+        "rounds_median": median(&mut s.rounds),
+        "fault_p50_us_median": median(&mut s.p50),
+        "fault_p99_us_median": median(&mut s.p99),
+        "fault_p999_us_median": median(&mut s.p999),
+        "guest_speed_pct_median": median(&mut s.speed),
     })
 }
 
@@ -308,13 +389,14 @@ fn f(r: &Value, k: &str) -> f64 {
     r[k].as_f64().unwrap_or(f64::NAN)
 }
 
-fn print_precopy(rows: &[Value], runs: usize) {
-    println!("End-to-end live migration, `ferry demo` (io_uring, downtime limit 300 ms), medians of {runs} runs");
+fn print_precopy(rows: &[Value], runs: usize, downtime_ms: u64) {
+    println!("End-to-end live migration, `ferry demo` (io_uring, downtime limit {downtime_ms} ms), medians of {runs} runs");
     println!(
-        "{:>6} {:>9} {:>5} {:>6} {:>9} {:>12} {:>12} {:>11} {:>11} {:>8} {:>11} {:>7} {:>6} {:>8}",
+        "{:>6} {:>9} {:>5} {:>5} {:>6} {:>9} {:>12} {:>12} {:>11} {:>11} {:>8} {:>11} {:>7} {:>6} {:>8}",
         "guest",
         "dirty",
         "chans",
+        "pages",
         "link",
         "total s",
         "downtime ms",
@@ -337,10 +419,11 @@ fn print_precopy(rows: &[Value], runs: usize) {
             _ => "-".to_string(),
         };
         println!(
-            "{:>4}Gi {:>6}M/s {:>5} {:>6} {:>9.2} {:>12.2} {:>12.2} {:>11.2} {:>11.2} {:>7.0}% {:>11.2} {:>7.0} {:>6} {:>8}",
+            "{:>4}Gi {:>6}M/s {:>5} {:>5} {:>6} {:>9.2} {:>12.2} {:>12.2} {:>11.2} {:>11.2} {:>7.0}% {:>11.2} {:>7.0} {:>6} {:>8}",
             r["guest_bytes"].as_u64().unwrap_or(0) >> 30,
             r["dirty_rate"].as_u64().unwrap_or(0) >> 20,
             r["channels"],
+            r["huge_pages"].as_str().unwrap_or(""),
             r["link"].as_str().unwrap_or(""),
             f(r, "total_s_median"),
             f(r, "downtime_ms_median"),
@@ -354,16 +437,17 @@ fn print_precopy(rows: &[Value], runs: usize) {
             vs_plain,
         );
     }
-    println!("Targets: encrypted throughput >= 70% of plain; idle throughput >= 85% of raw; downtime (worst) <= 5 ms idle, <= 10 ms at 50 MB/s, <= 50 ms at 500 MB/s; never above 300 ms.");
+    println!("Targets: encrypted throughput >= 70% of plain; idle throughput >= 85% of raw; downtime (worst) <= 5 ms idle, <= 10 ms at 50 MB/s, <= 50 ms at 500 MB/s.");
 }
 
-fn print_postcopy(rows: &[Value], runs: usize) {
-    println!("Postcopy after the first pass, `ferry demo --postcopy` (io_uring), medians of {runs} runs; each row's baseline is the one above it: into anonymous RAM, or (memfd-tls) in clear text");
+fn print_postcopy(rows: &[Value], runs: usize, downtime_ms: u64) {
+    println!("Postcopy after the first pass, `ferry demo --postcopy` (io_uring, downtime limit {downtime_ms} ms), medians of {runs} runs; each row's baseline is the one above it: into anonymous RAM, or (memfd-tls) in clear text");
     println!(
-        "{:>6} {:>9} {:>5} {:>10} {:>9} {:>12} {:>9} {:>9} {:>9} {:>10} {:>8} {:>6}",
+        "{:>6} {:>9} {:>5} {:>5} {:>10} {:>9} {:>12} {:>9} {:>9} {:>9} {:>10} {:>8} {:>6}",
         "guest",
         "dirty",
         "chans",
+        "pages",
         "RAM",
         "total s",
         "downtime ms",
@@ -376,10 +460,11 @@ fn print_postcopy(rows: &[Value], runs: usize) {
     );
     for r in rows {
         println!(
-            "{:>4}Gi {:>6}M/s {:>5} {:>10} {:>9.2} {:>12.2} {:>9.2} {:>9.0} {:>9.0} {:>10.0} {:>7.0}% {:>6}",
+            "{:>4}Gi {:>6}M/s {:>5} {:>5} {:>10} {:>9.2} {:>12.2} {:>9.2} {:>9.0} {:>9.0} {:>10.0} {:>7.0}% {:>6}",
             r["guest_bytes"].as_u64().unwrap_or(0) >> 30,
             r["dirty_rate"].as_u64().unwrap_or(0) >> 20,
             r["channels"],
+            r["huge_pages"].as_str().unwrap_or(""),
             r["variant"].as_str().unwrap_or(""),
             f(r, "total_s_median"),
             f(r, "downtime_ms_median"),

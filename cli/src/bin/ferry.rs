@@ -85,6 +85,28 @@ enum TransportArg {
     Std,
 }
 
+/// Which pages back guest RAM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+enum HugePagesArg {
+    /// Transparent huge pages (`MADV_HUGEPAGE`), as QEMU asks for on guest
+    /// RAM. Registering guest RAM with io_uring pins 2 MiB at a time, and the
+    /// destination receives into fewer, larger pages. Falls back to base
+    /// pages when the kernel's setting is `never` (shmem's, for memfd RAM).
+    #[default]
+    Thp,
+    /// Base 4 KiB pages only.
+    None,
+}
+
+impl HugePagesArg {
+    fn pages(self) -> ferry_host::memory::HugePages {
+        match self {
+            HugePagesArg::Thp => ferry_host::memory::HugePages::Transparent,
+            HugePagesArg::None => ferry_host::memory::HugePages::None,
+        }
+    }
+}
+
 impl TransportArg {
     fn transport(self) -> Transport {
         match self {
@@ -119,6 +141,9 @@ struct GuestArgs {
     /// `migrate_bench --postcopy`).
     #[arg(long, conflicts_with = "memfd")]
     anonymous: bool,
+    /// Pages backing guest RAM, on both sides of a demo.
+    #[arg(long, value_enum, default_value_t = HugePagesArg::Thp)]
+    huge_pages: HugePagesArg,
 }
 
 /// How the migration's connections are protected. One of `--tls-creds`,
@@ -468,7 +493,7 @@ fn vm_config(g: &GuestArgs, dirty_rate: u64) -> VmConfig {
             } else {
                 ferry_host::memory::Backing::Anonymous
             },
-            ..ferry_host::memory::MemoryOptions::default()
+            huge_pages: g.huge_pages.pages(),
         },
         ..VmConfig::default()
     }
@@ -597,6 +622,17 @@ fn note(pb: &ProgressBar, quiet: bool, msg: String) {
     }
 }
 
+/// What backs the guest's RAM, in words (the first region speaks for all).
+fn page_kind_text(vm: &Vm) -> String {
+    use ferry_host::memory::PageKind;
+    match vm.memory().regions().first().map(|r| r.page_kind()) {
+        Some(PageKind::Transparent) => "transparent huge pages".into(),
+        Some(PageKind::Hugetlb) => "2 MiB hugetlb pages".into(),
+        Some(PageKind::Fallback { got, reason }) => format!("{got}: {reason}"),
+        Some(PageKind::Base) | None => "4 KiB pages".into(),
+    }
+}
+
 /// Boots the source guest, lets it fill its RAM and start dirtying.
 fn start_source(g: &GuestArgs, m: &MigrateArgs, pb: &ProgressBar) -> Result<Vm, BoxError> {
     require_kvm()?;
@@ -614,8 +650,9 @@ fn start_source(g: &GuestArgs, m: &MigrateArgs, pb: &ProgressBar) -> Result<Vm, 
         pb,
         m.json,
         format!(
-            "guest: {} filled in {:.1} s",
+            "guest: {} ({}) filled in {:.1} s",
             human_bytes(g.mem),
+            page_kind_text(&vm),
             t.elapsed().as_secs_f64()
         ),
     );
@@ -890,6 +927,13 @@ fn demo(mut a: DemoArgs) -> Result<ExitCode, BoxError> {
             &a.guest.mem.to_string(),
             "--vcpus",
             &a.guest.vcpus.to_string(),
+            "--huge-pages",
+            a.guest
+                .huge_pages
+                .to_possible_value()
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default()
+                .as_str(),
         ])
         .args(if a.guest.memfd {
             &["--memfd"][..]
