@@ -54,11 +54,12 @@ fn a_kvm_guest_migrates_while_dirtying_and_verifies_on_the_destination() {
         return;
     }
     // Both clear-text transports, and the default: encrypted (the TLS record
-    // channel carries the pages, whatever --transport says).
+    // channel carries the pages, whatever --transport says), on the default
+    // two bulk channels.
     for (transport, link, named) in [
-        ("uring", "--insecure", "io_uring x1"),
-        ("std", "--insecure", "std x1"),
-        ("uring", "", "tls x1"),
+        ("uring", "--insecure", "io_uring x2"),
+        ("std", "--insecure", "std x2"),
+        ("uring", "", "tls x2"),
     ] {
         let mut args = vec![
             "--mem",

@@ -42,12 +42,16 @@ fn ready_then_vanish(listener: TcpListener) -> Option<Repr> {
         session: 0,
     })
     .ok()?;
-    let (bulk, _) = listener.accept().ok()?;
-    let drain = thread::spawn(move || {
-        let mut bulk = bulk;
-        let mut buf = vec![0u8; 1 << 20];
-        while matches!(bulk.read(&mut buf), Ok(n) if n > 0) {}
-    });
+    // Every bulk connection the hello announced (all but control).
+    let mut drains = Vec::new();
+    for _ in 1..theirs.caps.channels.max(2) {
+        let (bulk, _) = listener.accept().ok()?;
+        drains.push(thread::spawn(move || {
+            let mut bulk = bulk;
+            let mut buf = vec![0u8; 1 << 20];
+            while matches!(bulk.read(&mut buf), Ok(n) if n > 0) {}
+        }));
+    }
     let mut dec = WireDecoder::buffered(neg, 4 << 20);
     let mut buf = vec![0u8; 4 << 20];
     loop {
@@ -62,7 +66,7 @@ fn ready_then_vanish(listener: TcpListener) -> Option<Repr> {
         .flatten()
         .map(|(r, _)| r.repr);
     let _ = ctl.shutdown();
-    drop(drain);
+    drop(drains);
     after
 }
 

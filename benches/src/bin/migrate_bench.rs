@@ -135,7 +135,7 @@ fn main() {
         .filter_map(parse_size)
         .collect();
     let channels: Vec<usize> = get("--channels")
-        .unwrap_or_else(|| "1".into())
+        .unwrap_or_else(|| "1,2".into())
         .split(',')
         .filter_map(|c| c.trim().parse().ok())
         .filter(|&c| c > 0)
@@ -258,6 +258,9 @@ struct Samples {
     speed: Vec<f64>,
     failures: u32,
     mismatches: u64,
+    /// Each successful run's own figures, for the JSON output: where a
+    /// worst case went.
+    detail: Vec<Value>,
 }
 
 /// Runs one migration of `c` and adds what it measured to `s`, beside the
@@ -332,6 +335,19 @@ fn run_once(ferry: &std::path::Path, c: &Config<'_>, run: usize, runs: usize, s:
             }
             s.rounds
                 .push(r["source"]["rounds"].as_f64().unwrap_or(f64::NAN));
+            let ns = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+            let (src, dst) = (&r["source"], &r["destination"]);
+            s.detail.push(json!({
+                "total_s": ns(&src["total_ns"]) / 1e9,
+                "setup_ms": ns(&src["setup_ns"]) / 1e6,
+                "downtime_ms": r["downtime_ms"],
+                "source_downtime_ms": ns(&src["source_downtime_ns"]) / 1e6,
+                "final_sync_ms": ns(&src["final_sync_ns"]) / 1e6,
+                "go_to_resumed_ms": (ns(&dst["resumed_at_ns"]) - ns(&dst["go_at_ns"])) / 1e6,
+                "throughput": thr,
+                "ceiling": ceiling,
+                "rounds": src["rounds"],
+            }));
             s.mismatches += r["destination"]["verify_mismatches"].as_u64().unwrap_or(0);
             let pc = &r["destination"]["postcopy"]["fault_latency"];
             s.p50.push(pc["p50_ns"].as_f64().unwrap_or(f64::NAN) / 1e3);
@@ -382,6 +398,7 @@ fn row(c: &Config<'_>, runs: usize, mut s: Samples) -> Value {
         "fault_p99_us_median": median(&mut s.p99),
         "fault_p999_us_median": median(&mut s.p999),
         "guest_speed_pct_median": median(&mut s.speed),
+        "per_run": s.detail,
     })
 }
 
