@@ -314,12 +314,13 @@ impl DataConn {
         regions: &[ferry_uring::MemRegion],
         transport: ferry_uring::Transport,
         probe: &ferry_uring::ProbeReport,
+        share: Option<&ferry_uring::AnyChannel>,
     ) -> Result<ferry_uring::AnyChannel, ferry_uring::Error> {
         #[cfg(feature = "tls")]
         if let Some(p) = self.protection {
             return ferry_uring::AnyChannel::protected(self.conn, regions, p);
         }
-        ferry_uring::AnyChannel::new(self.conn, regions, transport, probe)
+        ferry_uring::AnyChannel::new_sharing(self.conn, regions, transport, probe, share)
     }
 
     /// The connection as a reading half and a writing half, each for a

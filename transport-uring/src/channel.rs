@@ -210,9 +210,26 @@ impl AnyChannel {
         transport: Transport,
         probe: &ProbeReport,
     ) -> Result<Self, Error> {
+        Self::new_sharing(stream, regions, transport, probe, None)
+    }
+
+    /// As [`AnyChannel::new`]; an io_uring channel built beside `share` (another io_uring
+    /// channel over the same regions, e.g. the first bulk channel) clones its registration
+    /// of guest memory instead of pinning it again ([`UringChannel::new_sharing`]).
+    pub fn new_sharing(
+        stream: impl Into<Stream>,
+        regions: &[MemRegion],
+        transport: Transport,
+        probe: &ProbeReport,
+        share: Option<&AnyChannel>,
+    ) -> Result<Self, Error> {
+        let share = match share {
+            Some(AnyChannel::Uring(u)) => Some(u),
+            _ => None,
+        };
         match transport {
             Transport::Uring(cfg) if probe.io_uring.is_ok() => Ok(AnyChannel::Uring(
-                UringChannel::new(stream, regions, cfg, probe)?,
+                UringChannel::new_sharing(stream, regions, cfg, probe, share)?,
             )),
             Transport::Uring(cfg) => Ok(AnyChannel::Std(StdChannel::new(
                 stream,

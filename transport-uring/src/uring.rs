@@ -12,7 +12,7 @@
 //! `READ_FIXED`, payloads read straight into place use `RECV` with `MSG_WAITALL`.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
@@ -147,6 +147,8 @@ pub struct UringChannel {
     receiver: Receiver,
     map: GuestMap,
     stream: Stream,
+    /// Guest memory's registration was cloned from another channel's ring.
+    shared: bool,
 }
 
 // SAFETY: the raw pointers inside (segments, iovecs, msghdrs) point into memory owned by the
@@ -174,6 +176,22 @@ impl UringChannel {
         regions: &[MemRegion],
         config: UringConfig,
         probe: &ProbeReport,
+    ) -> Result<Self, Error> {
+        Self::new_sharing(stream, regions, config, probe, None)
+    }
+
+    /// As [`UringChannel::new`], but when `share` (a channel built over the same `regions`)
+    /// is given, guest memory is not pinned again: its registration is cloned from `share`'s
+    /// ring (`IORING_REGISTER_CLONE_BUFFERS`, Linux 6.12) and only this channel's own header
+    /// slab and staging buffer are registered. On a kernel without cloning, or when `share`
+    /// maps other memory, guest memory is registered as [`UringChannel::new`] does.
+    /// [`UringChannel::shares_registration`] tells which happened.
+    pub fn new_sharing(
+        stream: impl Into<Stream>,
+        regions: &[MemRegion],
+        config: UringConfig,
+        probe: &ProbeReport,
+        share: Option<&UringChannel>,
     ) -> Result<Self, Error> {
         let stream = stream.into();
         stream.prepare().map_err(Error::Socket)?;
@@ -211,15 +229,25 @@ impl UringChannel {
                 iov_len: *l,
             });
         }
-        // SAFETY: the slab and staging buffer are owned by the channel, never resized and
-        // outlive the ring (the ring is dropped, and waited for, in `Drop` before them); the
-        // guest pieces stay mapped for the channel's life by `MemRegion::new`'s contract.
-        unsafe { ring.submitter().register_buffers(&iov) }.map_err(|source| Error::Register {
-            bytes: iov.iter().map(|v| v.iov_len).sum(),
-            count: iov.len(),
-            memlock: memlock_text(),
-            source,
-        })?;
+        let shared = share.is_some_and(|other| {
+            !map.pieces().is_empty()
+                && other.map.pieces() == map.pieces()
+                && clone_registration(&ring, other.engine.ring.as_raw_fd(), &iov)
+        });
+        if !shared {
+            // SAFETY: the slab and staging buffer are owned by the channel, never resized and
+            // outlive the ring (the ring is dropped, and waited for, in `Drop` before them);
+            // the guest pieces stay mapped for the channel's life by `MemRegion::new`'s
+            // contract.
+            unsafe { ring.submitter().register_buffers(&iov) }.map_err(|source| {
+                Error::Register {
+                    bytes: iov.iter().map(|v| v.iov_len).sum(),
+                    count: iov.len(),
+                    memlock: memlock_text(),
+                    source,
+                }
+            })?;
+        }
         let fd = stream.fd();
         Ok(Self {
             engine: Engine {
@@ -242,7 +270,14 @@ impl UringChannel {
             receiver,
             map,
             stream,
+            shared,
         })
+    }
+
+    /// Whether guest memory's registration was cloned from another channel's ring rather
+    /// than pinned again ([`UringChannel::new_sharing`]).
+    pub fn shares_registration(&self) -> bool {
+        self.shared
     }
 
     /// Whether long payloads go out with `SEND_ZC`.
@@ -254,6 +289,28 @@ impl UringChannel {
     pub fn registered_bytes(&self) -> usize {
         self.map.total_len()
     }
+}
+
+/// Clones the fixed buffer table of the ring `src` into `ring`, whose table is empty, then
+/// puts this channel's own header slab and staging buffer (`own[..GUEST_IDX]`) in place of
+/// the ones cloned with it; the guest pieces stay shared. False when the kernel cannot
+/// clone (before 6.12) or the update fails; `ring` is left with no table then.
+fn clone_registration(ring: &IoUring, src: RawFd, own: &[libc::iovec]) -> bool {
+    let sub = ring.submitter();
+    if sub.register_buffers_clone(src).is_err() {
+        return false;
+    }
+    let Some(own) = own.get(..GUEST_IDX) else {
+        let _ = sub.unregister_buffers();
+        return false;
+    };
+    // SAFETY: the slab and staging buffer `own` points at are owned by the channel being
+    // built, never resized, and outlive its ring (see `UringChannel::new_sharing`).
+    if unsafe { sub.register_buffers_update(0, own, None) }.is_err() {
+        let _ = sub.unregister_buffers();
+        return false;
+    }
+    true
 }
 
 impl Engine {

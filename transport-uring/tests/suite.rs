@@ -794,3 +794,68 @@ fn share_out_splits_at_stripes() {
     assert_eq!(total, s + 4);
     assert_eq!(ferry_uring::bulk_channel_for(5, 0), 0);
 }
+
+/// The running kernel's (major, minor) version.
+fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+fn uring_sharing(s: Stream, regions: &[MemRegion], share: &AnyChannel) -> AnyChannel {
+    let t = Transport::Uring(UringConfig::default());
+    AnyChannel::new_sharing(s, regions, t, probed(), Some(share)).unwrap()
+}
+
+fn shares(c: &AnyChannel) -> bool {
+    matches!(c, AnyChannel::Uring(u) if u.shares_registration())
+}
+
+/// A second channel over the same memory clones the first one's registration of it (on
+/// 6.12+), keeps its own header slab and staging buffer, and streams every byte exactly,
+/// even after the first channel is gone; over other memory it registers its own.
+#[test]
+fn a_second_channel_shares_the_first_ones_registration() {
+    let _g = big().lock().unwrap_or_else(|e| e.into_inner());
+    let (src, dst) = (Mem::new(64 << 20), Mem::new(64 << 20));
+    src.fill_random(0x5ca1e);
+    let (a1, b1) = pair(Sock::Tcp);
+    let first_tx = make(Kind::Uring, a1, &[src.region()]);
+    let first_rx = make(Kind::Uring, b1, &[dst.region()]);
+    let (a2, b2) = pair(Sock::Tcp);
+    let mut tx = uring_sharing(a2, &[src.region()], &first_tx);
+    let mut rx = uring_sharing(b2, &[dst.region()], &first_rx);
+    if kernel_version() >= (6, 12) {
+        assert!(shares(&tx) && shares(&rx), "cloning is in this kernel");
+    }
+    assert!(!shares(&first_tx) && !shares(&first_rx));
+    drop(first_tx);
+    drop(first_rx);
+    let pages = (src.len / PAGE) as u64;
+    let list = runs(pages, 77);
+    let sender = thread::spawn(move || {
+        for chunk in list.chunks(700) {
+            let recs: Vec<_> = chunk.iter().map(|&(f, n)| run(0, f, n)).collect();
+            tx.send(&recs).unwrap();
+        }
+        tx.flush().unwrap();
+    });
+    let mut got = 0u64;
+    while let Some(r) = rx.recv(&mut TestDecoder, &mut []).unwrap() {
+        got += r.placement.len();
+    }
+    sender.join().unwrap();
+    assert_eq!(got, src.len as u64);
+    assert!(src.bytes() == dst.bytes(), "every byte arrived in place");
+
+    // Other memory: nothing to share, its own registration.
+    let other = Mem::new(8 << 20);
+    let (a3, _b3) = pair(Sock::Tcp);
+    let (a4, _b4) = pair(Sock::Tcp);
+    let base = make(Kind::Uring, a3, &[src.region()]);
+    let own = uring_sharing(a4, &[other.region()], &base);
+    assert!(matches!(own, AnyChannel::Uring(_)) && !shares(&own));
+}

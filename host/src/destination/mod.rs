@@ -1511,10 +1511,11 @@ fn open_channels(
     let mut bulk = Vec::with_capacity(n_bulk);
     for i in 0..n_bulk {
         let c = listener.accept_data_within(ChannelRole::Bulk(i), bound)?;
-        bulk.push(
-            c.into_channel(&regions, config.transport, &probe)
-                .map_err(transport_err(ChannelRole::Bulk(i)))?,
-        );
+        // Bulk channels after the first share its registration of guest RAM.
+        let chan = c
+            .into_channel(&regions, config.transport, &probe, bulk.first())
+            .map_err(transport_err(ChannelRole::Bulk(i)))?;
+        bulk.push(chan);
     }
     let urgent = if postcopy_ram {
         Some(listener.accept_data_within(ChannelRole::Urgent, bound)?)

@@ -652,10 +652,11 @@ impl<'r, 'm> Source<'r, 'm> {
                 what: "duplicating a bulk socket",
                 source,
             })?);
-            bulk.push(
-                c.into_channel(&regions, transport, probe)
-                    .map_err(chan_err(ChannelRole::Bulk(i)))?,
-            );
+            // Bulk channels after the first share its registration of guest RAM.
+            let chan = c
+                .into_channel(&regions, transport, probe, bulk.first())
+                .map_err(chan_err(ChannelRole::Bulk(i)))?;
+            bulk.push(chan);
         }
         // The urgent connection comes last: page requests in, replies out,
         // never behind bulk data.
