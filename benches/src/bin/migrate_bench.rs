@@ -134,8 +134,10 @@ fn main() {
         .split(',')
         .filter_map(parse_size)
         .collect();
+    // Precopy compares one channel with two (the default); postcopy runs on
+    // one, the default there.
     let channels: Vec<usize> = get("--channels")
-        .unwrap_or_else(|| "1,2".into())
+        .unwrap_or_else(|| if postcopy { "1" } else { "1,2" }.into())
         .split(',')
         .filter_map(|c| c.trim().parse().ok())
         .filter(|&c| c > 0)

@@ -107,6 +107,18 @@ impl HugePagesArg {
     }
 }
 
+impl MigrateArgs {
+    /// `--channels`, or its default: one when postcopy may be used, else two.
+    fn bulk_channels(&self) -> usize {
+        let default = if self.postcopy || self.allow_postcopy {
+            1
+        } else {
+            2
+        };
+        self.channels.unwrap_or(default).max(1)
+    }
+}
+
 impl TransportArg {
     fn transport(self) -> Transport {
         match self {
@@ -311,11 +323,13 @@ struct MigrateArgs {
     #[arg(long, value_parser = parse_size)]
     bandwidth: Option<u64>,
     /// Bulk channels: connections carrying pages, each with its own sender
-    /// and receiver thread. Two by default: on a 2-core machine running both
-    /// ends, two were as fast as one or faster in every benchmark row, with
-    /// half the setup of four (each channel registers all of guest RAM).
-    #[arg(long, default_value_t = 2)]
-    channels: usize,
+    /// and receiver thread. By default two, or one when postcopy may be used:
+    /// on a 2-core machine running both ends, two channels moved a guest
+    /// faster than one in every precopy benchmark row, but in postcopy a
+    /// second receiver thread took the cores the running guest and its faults
+    /// need (the guest ran at 12 % of its speed against 43 %).
+    #[arg(long)]
+    channels: Option<usize>,
     /// Transport of the bulk channels in clear text (encrypted ones carry
     /// TLS records on their own sends and receives; control uses it either way).
     #[arg(long, value_enum, default_value = "uring")]
@@ -785,7 +799,7 @@ fn source_setup(endpoint: Endpoint, m: &MigrateArgs) -> (SourceConfig, SourceLin
     let link = SourceLink {
         endpoint,
         transport: m.transport.transport(),
-        bulk_channels: m.channels.max(1),
+        bulk_channels: m.bulk_channels(),
     };
     (config, link)
 }
