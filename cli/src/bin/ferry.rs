@@ -324,8 +324,8 @@ struct MigrateArgs {
     bandwidth: Option<u64>,
     /// Bulk channels: connections carrying pages, each with its own sender
     /// and receiver thread. By default two, or one when postcopy may be used:
-    /// on a 2-core machine running both ends, two channels moved a guest
-    /// faster than one in every precopy benchmark row, but in postcopy a
+    /// on a 2-core machine running both ends, two channels moved guests that
+    /// dirty memory faster than one (idle guests slower), but in postcopy a
     /// second receiver thread took the cores the running guest and its faults
     /// need (the guest ran at 12 % of its speed against 43 %).
     #[arg(long)]

@@ -63,8 +63,11 @@ pub use sender::SenderError;
 const BATCH: usize = 256;
 /// Payload bytes per batch: the sender checksums a batch just before handing
 /// it to the transport, so a small batch keeps the window in which a guest
-/// write tears a page (checksum taken, bytes not yet sent) short.
-const BATCH_BYTES: u64 = 2 << 20;
+/// write tears a page (checksum taken, bytes not yet sent) short, and the
+/// kernel's copy into the socket finds the bytes the checksum just read still
+/// in the core's cache. Measured on one channel, 1 GiB idle, five alternating
+/// runs each: 512 KiB moved a median 3.21 GB/s, 2 MiB 2.36, 256 KiB 2.27.
+const BATCH_BYTES: u64 = 512 << 10;
 /// Bitmap words re-armed and scanned at a time (64 Ki pages, 256 MiB).
 const CHUNK_WORDS: usize = 1024;
 
