@@ -17,9 +17,9 @@ use ferry_uring::AnyChannel;
 use super::postcopy::PostcopyWork;
 use super::stall::SendProgress;
 use super::{
-    count_bits, dispatch, flush_all, join_senders_list, or_into, sender_thread, words_bytes,
+    count_bits, dispatch, flush_all, join_senders_list, or_into, sender_thread, words_bytes, Cut,
     DevicePending, Job, RamPending, SenderError, SenderStats, SnapshotPending, Source, SourceError,
-    SourceHold,
+    SourceHold, BATCH_BYTES,
 };
 use crate::dirty::{DirtyError, DirtyTracker};
 use crate::migration::{
@@ -395,8 +395,11 @@ impl<'r, 'm> Source<'r, 'm> {
             &st.pages,
             jobs,
             st.max_run,
-            round == 0,
-            false,
+            Cut {
+                detect_zero: round == 0,
+                paused: false,
+                batch_bytes: BATCH_BYTES,
+            },
         )?;
         flush_all(jobs)?;
         if round == 0 && self.config.postcopy_after_first_pass {
@@ -597,8 +600,11 @@ impl<'r, 'm> Source<'r, 'm> {
             &st.pages,
             senders.jobs(),
             st.max_run,
-            false,
-            true,
+            Cut {
+                detect_zero: false,
+                paused: true,
+                batch_bytes: BATCH_BYTES,
+            },
         )
         .and_then(|_| {
             senders
