@@ -296,14 +296,13 @@ impl UringChannel {
 /// the ones cloned with it; the guest pieces stay shared. False when the kernel cannot
 /// clone (before 6.12) or the update fails; `ring` is left with no table then.
 fn clone_registration(ring: &IoUring, src: RawFd, own: &[libc::iovec]) -> bool {
+    let Some(own) = own.get(..GUEST_IDX) else {
+        return false;
+    };
     let sub = ring.submitter();
     if sub.register_buffers_clone(src).is_err() {
         return false;
     }
-    let Some(own) = own.get(..GUEST_IDX) else {
-        let _ = sub.unregister_buffers();
-        return false;
-    };
     // SAFETY: the slab and staging buffer `own` points at are owned by the channel being
     // built, never resized, and outlive its ring (see `UringChannel::new_sharing`).
     if unsafe { sub.register_buffers_update(0, own, None) }.is_err() {

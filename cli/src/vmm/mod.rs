@@ -154,9 +154,9 @@ pub struct VmConfig {
     /// command asks for transparent huge pages (`--huge-pages thp`, as QEMU does): the
     /// io_uring registration of guest RAM then pins 2 MiB at a time (the source's setup
     /// took 4-11 ms for 1 GiB, against 28-39 ms) and the destination receives into fewer
-    /// pages. On a machine that
-    /// is itself a VM, a fresh 2 MiB page may cost the outer hypervisor's first touch: an
-    /// earlier session saw prefaulting 2 GiB take 7-11 s with THP against 1.5-3 s.
+    /// pages. On a machine that is itself a VM, a fresh 2 MiB page may cost the outer
+    /// hypervisor's first touch: an earlier session saw prefaulting 2 GiB take 7-11 s with
+    /// THP against 1.5-3 s.
     pub memory: MemoryOptions,
     /// Prefault guest RAM (`MADV_POPULATE_WRITE`): synchronously in [`Vm::new`], on a
     /// background thread in [`Vm::new_incoming`] (joined by [`Vm::restore_state`]).

@@ -1119,12 +1119,12 @@ fn dispatch(
     let Cut {
         detect_zero,
         paused,
-        batch_bytes: batch_limit,
+        batch_bytes,
     } = cut;
     let n = jobs.len();
     let mut batches: Vec<Vec<PageWork>> = (0..n).map(|_| Vec::with_capacity(BATCH)).collect();
     let mut bytes = 0u64;
-    let mut batch_bytes = vec![0u64; n];
+    let mut filled = vec![0u64; n];
     for (r, words) in bitmaps.iter_mut().enumerate() {
         let region_pages = pages[r];
         for (c, chunk) in words.chunks_mut(CHUNK_WORDS).enumerate() {
@@ -1153,9 +1153,9 @@ fn dispatch(
                         detect_zero,
                         paused,
                     });
-                    batch_bytes[ch] += count * PAGE_SIZE;
-                    if batches[ch].len() >= BATCH || batch_bytes[ch] >= batch_limit {
-                        batch_bytes[ch] = 0;
+                    filled[ch] += count * PAGE_SIZE;
+                    if batches[ch].len() >= BATCH || filled[ch] >= batch_bytes {
+                        filled[ch] = 0;
                         let b = std::mem::replace(&mut batches[ch], Vec::with_capacity(BATCH));
                         jobs[ch]
                             .send(Job::Pages(b))
