@@ -23,6 +23,8 @@ import sys
 import tempfile
 
 FREQ = 1999
+# Most-sampled functions listed under each process's "other".
+OTHER_SHOWN = 6
 CATEGORIES = [
     ("kernel copy", r"copy_(to|from)_iter|copy_user|rep_movs_alternative"),
     ("AES-GCM", r"aes_gcm|gcm_|aes_hw|ghash"),
@@ -67,6 +69,8 @@ def main():
         ["perf", "script", "-i", data, "--time", "%.6f,%.6f" % (start, end), "-F", "comm,pid,tid,ip,sym"],
         capture_output=True, text=True).stdout
     per = collections.defaultdict(collections.Counter)
+    # The functions the categories do not name, per process, so "other" can be read.
+    unnamed = collections.defaultdict(collections.Counter)
     ferry_pids = set()
     pid = None
     first = False
@@ -79,7 +83,11 @@ def main():
             continue
         if first and line.strip():
             parts = line.strip().split(None, 1)
-            per[pid][category(parts[1] if len(parts) > 1 else "?")] += 1
+            sym = parts[1] if len(parts) > 1 else "?"
+            cat = category(sym)
+            per[pid][cat] += 1
+            if cat == "other":
+                unnamed[pid][re.sub(r"\+0x[0-9a-f]+$", "", sym)] += 1
             first = False
     shutil.rmtree(tmp, ignore_errors=True)
     # The demo (the source) starts first; its `ferry receive` child comes after.
@@ -99,6 +107,8 @@ def main():
         print("%-34s %.3f CPU-s per GB" % (who, n / FREQ / gb))
         for name, k in counts.most_common():
             print("    %-24s %5.1f %%  %.3f CPU-s/GB" % (name, 100 * k / n, k / FREQ / gb))
+        for sym, k in unnamed[p].most_common(OTHER_SHOWN):
+            print("        other: %-40.40s %5.1f %%" % (sym, 100 * k / n))
 
 
 if __name__ == "__main__":
