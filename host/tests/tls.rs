@@ -454,7 +454,7 @@ fn an_anonymous_client_is_refused() {
             roots.add(c.expect("pem")).expect("root");
         }
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
+            rustls::crypto::aws_lc_rs::default_provider(),
         ))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("tls13")

@@ -10,7 +10,7 @@
 
 use std::io;
 
-use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, NONCE_LEN};
+use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, NONCE_LEN};
 
 use crate::channel::{Channel, Stream};
 use crate::error::Error;

@@ -29,7 +29,7 @@ use std::io::{self, Read, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ring::hmac;
+use aws_lc_rs::hmac;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, Connection, ConnectionTrafficSecrets, ServerConnection};
 

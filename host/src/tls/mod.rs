@@ -338,18 +338,19 @@ impl X509Credentials {
     }
 }
 
-/// rustls on ring, TLS 1.3 suites only, AES-128-GCM first: the fastest of the three where the
-/// CPU has AES instructions (9.5 GB/s against AES-256-GCM's 7.1 on one core here), which is
-/// what the record layer spends its time on.
+/// rustls on aws-lc-rs, TLS 1.3 suites only, AES-128-GCM first: the fastest of the three where
+/// the CPU has AES instructions (sealing 16 KiB records on one core here: 11.0 GB/s against
+/// AES-256-GCM's 9.7 and ChaCha20-Poly1305's 2.6), which is what the record layer spends its
+/// time on.
 fn provider() -> Arc<CryptoProvider> {
-    use rustls::crypto::ring::cipher_suite;
+    use rustls::crypto::aws_lc_rs::cipher_suite;
     Arc::new(CryptoProvider {
         cipher_suites: vec![
             cipher_suite::TLS13_AES_128_GCM_SHA256,
             cipher_suite::TLS13_AES_256_GCM_SHA384,
             cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
         ],
-        ..rustls::crypto::ring::default_provider()
+        ..rustls::crypto::aws_lc_rs::default_provider()
     })
 }
 
